@@ -1,0 +1,2 @@
+"""MedSigLIP in JAX / Flax NNX."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Checkpoint loading and saving: Hugging Face folders and tensors, Orbax."""

@@ -1,0 +1,99 @@
+"""Transformer building blocks shared by both towers (Flax NNX).
+
+Shapes: ``B`` batch, ``T`` tokens, ``D`` hidden width, ``N`` heads, ``H = D // N``.
+Parameters are stored in ``dtype`` and the computation runs in ``dtype``; LayerNorm statistics
+are computed in float32 (Flax upcasts them).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def gelu(x: jax.Array, hidden_act: str) -> jax.Array:
+    """GELU as transformers names it: ``"gelu"`` is exact (erf), the others use tanh."""
+    return jax.nn.gelu(x, approximate=hidden_act != "gelu")
+
+
+def layer_norm(width: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def linear(d_in: int, d_out: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=True, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class MLP(nnx.Module):
+    """``fc2(gelu(fc1(x)))``: ``[..., D] -> [..., D]`` through ``[..., intermediate]``."""
+
+    def __init__(self, hidden: int, intermediate: int, hidden_act: str, *,
+                 dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.fc1 = linear(hidden, intermediate, dtype, rngs)
+        self.fc2 = linear(intermediate, hidden, dtype, rngs)
+        self.hidden_act = hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(gelu(self.fc1(x), self.hidden_act))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with biased q/k/v/out projections, scale ``H ** -0.5``, no mask.
+
+    ``__call__(x)`` is self-attention ``[B, T, D] -> [B, T, D]``; ``__call__(q_in, kv_in)``
+    attends ``[B, S, D]`` queries over ``[B, T, D]`` keys/values (the MAP head).
+    """
+
+    def __init__(self, hidden: int, num_heads: int, *, dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.q_proj = linear(hidden, hidden, dtype, rngs)
+        self.k_proj = linear(hidden, hidden, dtype, rngs)
+        self.v_proj = linear(hidden, hidden, dtype, rngs)
+        self.out_proj = linear(hidden, hidden, dtype, rngs)
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        return x.reshape(b, t, self.num_heads, d // self.num_heads)
+
+    def __call__(self, x: jax.Array, kv: jax.Array | None = None) -> jax.Array:
+        kv = x if kv is None else kv
+        q = self._heads(self.q_proj(x))
+        k = self._heads(self.k_proj(kv))
+        v = self._heads(self.v_proj(kv))
+        out = jax.nn.dot_product_attention(q, k, v)  # [B, S, N, H], scale H**-0.5
+        b, s, n, h = out.shape
+        return self.out_proj(out.reshape(b, s, n * h))
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-LN block: ``x += attn(ln1(x)); x += mlp(ln2(x))``, ``[B, T, D] -> [B, T, D]``."""
+
+    def __init__(self, hidden: int, intermediate: int, num_heads: int, eps: float,
+                 hidden_act: str, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.layer_norm1 = layer_norm(hidden, eps, dtype, rngs)
+        self.self_attn = Attention(hidden, num_heads, dtype=dtype, rngs=rngs)
+        self.layer_norm2 = layer_norm(hidden, eps, dtype, rngs)
+        self.mlp = MLP(hidden, intermediate, hidden_act, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nnx.Module):
+    """``num_layers`` :class:`EncoderBlock` s in sequence, ``[B, T, D] -> [B, T, D]``."""
+
+    def __init__(self, num_layers: int, hidden: int, intermediate: int, num_heads: int,
+                 eps: float, hidden_act: str, *, dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.layers = nnx.List([
+            EncoderBlock(hidden, intermediate, num_heads, eps, hidden_act, dtype=dtype, rngs=rngs)
+            for _ in range(num_layers)
+        ])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
