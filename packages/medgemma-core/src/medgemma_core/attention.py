@@ -1,0 +1,148 @@
+"""Gemma 3 attention: QK-norm, RoPE, grouped-query attention over a KV cache.
+
+Every key slot carries the absolute sequence index it holds (``-1`` when empty). Masks are
+derived from those indices, the query indices and each row's first real index (left padding):
+
+    visible(b, t, s) = start[b] <= kidx[s] <= qidx[t]              (causal, no padding)
+                       and (global or qidx[t] - kidx[s] < window)  (sliding window, one-sided)
+                       or the pair lies in the same image block    (bidirectional, windowed)
+
+Local (sliding-window) layers keep a ring buffer of ``window`` slots: index i lives in slot
+``i % window``; so their cache is O(window) whatever the context length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .layers import RMSNorm, apply_rope
+
+NEG_INF = -2.3819763e38  # finite "minus infinity": fully-masked (padding) rows stay NaN-free
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnInputs:
+    """Index bookkeeping shared by every layer of one forward pass.
+
+    q_index [T] absolute index of each new token (the same for every row);
+    start [B] first real index of each row; positions [B, T] RoPE positions;
+    image_id [B, T] image block of each new token (0 = text), or None.
+    """
+
+    q_index: jax.Array
+    start: jax.Array
+    positions: jax.Array
+    image_id: jax.Array | None = None
+
+
+def make_mask(qidx, kidx, start, window: int | None, q_img=None, k_img=None) -> jax.Array:
+    """Boolean mask [B, T, S] from query indices [T], key indices [S] and row starts [B]."""
+    q = qidx[None, :, None]
+    k = kidx[None, None, :]
+    valid = (k >= 0) & (k >= start[:, None, None])
+    causal = k <= q
+    if q_img is not None and k_img is not None:
+        same = (q_img[:, :, None] == k_img[:, None, :]) & (q_img[:, :, None] > 0)
+        causal = causal | same
+    mask = valid & causal
+    if window is not None:
+        mask = mask & (q - k < window)
+    return mask
+
+
+class Attention(nnx.Module):
+    """Multi-/grouped-query attention with q/k RMSNorm. Kernels: q [D, H, Hd], k/v [D, K, Hd],
+    o [H, Hd, D]."""
+
+    def __init__(self, cfg, layer: int, *, dtype, rngs: nnx.Rngs):
+        d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init = nnx.initializers.normal(0.02)
+        self.q = nnx.Param(init(rngs.params(), (d, h, hd), dtype))
+        self.k = nnx.Param(init(rngs.params(), (d, k, hd), dtype))
+        self.v = nnx.Param(init(rngs.params(), (d, k, hd), dtype))
+        self.o = nnx.Param(init(rngs.params(), (h, hd, d), dtype))
+        self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.window = cfg.sliding_window if cfg.is_local(layer) else None
+        self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
+        self.groups = h // k
+
+    def __call__(self, x, inp: AttnInputs, inv_freq, cache=None, ring_index=None):
+        """x [B, T, D] -> ([B, T, D], new cache entry or None).
+
+        ``cache`` is ``(k, v)`` with [B, S, K, Hd] arrays: S slots of a global layer hold
+        indices 0..S-1; a local layer's S = window ring slots hold ``ring_index`` (the slot
+        indices *before* this call; the caller advances them).
+        """
+        q = jnp.einsum("btd,dhk->bthk", x, self.q[...])
+        k = jnp.einsum("btd,dhk->bthk", x, self.k[...])
+        v = jnp.einsum("btd,dhk->bthk", x, self.v[...])
+        q = apply_rope(self.q_norm(q), inp.positions, inv_freq)
+        k = apply_rope(self.k_norm(k), inp.positions, inv_freq)
+        t = x.shape[1]
+        k_img = inp.image_id
+        if cache is None:
+            keys, values, kidx, new_cache = k, v, inp.q_index, None
+        elif self.window is None:  # global: write at the absolute indices, attend to all slots
+            ck, cv = cache
+            at = (0, inp.q_index[0], 0, 0)
+            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), at)
+            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), at)
+            kidx = jnp.arange(ck.shape[1], dtype=jnp.int32)
+            new_cache = (keys, values)
+            if k_img is not None and t > 1:  # image blocks are bidirectional within a chunk
+                k_img = jax.lax.dynamic_update_slice(
+                    jnp.zeros((k_img.shape[0], ck.shape[1]), k_img.dtype), k_img,
+                    (0, inp.q_index[0]))
+            else:
+                k_img = None
+        else:
+            keys, values, kidx, new_cache = self._ring(cache, k, v, inp.q_index, ring_index, t)
+            if k_img is not None and t > 1:
+                pad = jnp.zeros((k_img.shape[0], cache[0].shape[1]), k_img.dtype)
+                k_img = jnp.concatenate([pad, k_img], axis=1)
+            else:
+                k_img = None
+        mask = make_mask(inp.q_index, kidx, inp.start, self.window,
+                         inp.image_id if k_img is not None else None, k_img)
+        out = self._attend(q, keys, values, mask)
+        return jnp.einsum("bthk,hkd->btd", out, self.o[...]), new_cache
+
+    def _ring(self, cache, k, v, qidx, ring_index, t):
+        ck, cv = cache
+        w = ck.shape[1]
+        k = k.astype(ck.dtype)
+        v = v.astype(cv.dtype)
+        if t == 1:  # decode: overwrite the slot of index i - w (already out of the window)
+            at = (0, qidx[0] % w, 0, 0)
+            nk = jax.lax.dynamic_update_slice(ck, k, at)
+            nv = jax.lax.dynamic_update_slice(cv, v, at)
+            kidx = ring_index.at[qidx[0] % w].set(qidx[0])
+            return nk, nv, kidx, (nk, nv)
+        # a chunk: attend to the old ring plus the chunk, then keep the chunk's last w entries
+        keys = jnp.concatenate([ck, k], axis=1)
+        values = jnp.concatenate([cv, v], axis=1)
+        kidx = jnp.concatenate([ring_index, qidx])
+        m = min(t, w)
+        slots = qidx[t - m:] % w
+        nk = ck.at[:, slots].set(k[:, t - m:])
+        nv = cv.at[:, slots].set(v[:, t - m:])
+        return keys, values, kidx, (nk, nv)
+
+    def _attend(self, q, k, v, mask):
+        """q [B, T, H, Hd], k/v [B, S, K, Hd], mask [B, T, S] -> [B, T, H, Hd]."""
+        b, t, h, hd = q.shape
+        kh = k.shape[2]
+        q = (q * jnp.asarray(self.scale, q.dtype)).reshape(b, t, kh, self.groups, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+        if self.softcap is not None:
+            scores = jnp.tanh(scores / self.softcap) * self.softcap
+        scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+        return out.reshape(b, t, h, hd)

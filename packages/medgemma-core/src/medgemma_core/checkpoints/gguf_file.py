@@ -1,0 +1,110 @@
+"""GGUF files of the ``gemma3`` architecture (llama.cpp): config, tensors, dequantization.
+
+llama.cpp stores every ``*norm.weight`` plus one and names tensors its own way; this source
+presents the file under Hugging Face names with the +1 undone, dequantizing (with the ``gguf``
+package) one tensor at a time from the memory-mapped file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Gemma3Config, _pattern
+from .build import CheckpointError
+
+_LAYER = {
+    "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL:
+        return _GLOBAL[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if m and m.group(2) in _LAYER:
+        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
+    return None
+
+
+class GGUFSource:
+    """Tensors of a gemma3 GGUF file under Hugging Face names."""
+
+    def __init__(self, path: str | Path):
+        import gguf
+
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(str(self.path))
+        except Exception as exc:
+            raise CheckpointError(
+                f"{self.path}: not a readable GGUF file ({exc}); it is truncated or corrupt, "
+                f"re-download it") from None
+        arch = self.field("general.architecture")
+        if arch != "gemma3":
+            raise CheckpointError(
+                f"{self.path}: GGUF architecture is {arch!r}, not 'gemma3'; pass a Gemma 3 GGUF")
+        self._tensors = {}
+        for t in self.reader.tensors:
+            name = _hf_name(t.name)
+            if name is not None:
+                self._tensors[name] = t
+
+    def field(self, key: str, default: Any = None) -> Any:
+        f = self.reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def where(self, name: str) -> str:
+        t = self._tensors.get(name)
+        return f"{self.path} [{t.name}]" if t is not None else str(self.path)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        # GGUF lists dimensions innermost first; numpy order is the reverse ([out, in]).
+        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+
+    def get(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        arr = arr.reshape(self.shape(name))
+        if name.endswith("norm.weight"):
+            arr = arr - 1.0
+        return arr
+
+    def config(self) -> Gemma3Config:
+        """The decoder config from the GGUF metadata (llama.cpp's gemma3 keys)."""
+        a = "gemma3."
+        n = int(self.field(a + "block_count"))
+        d = int(self.field(a + "embedding_length"))
+        heads = int(self.field(a + "attention.head_count"))
+        head_dim = int(self.field(a + "attention.key_length", d // heads))
+        # llama.cpp: the 27B (62 layers) scales queries by hidden/heads; the others by head_dim.
+        qpas = d / heads if n == 62 else head_dim
+        scaling = self.field(a + "rope.scaling.factor")
+        rows = self.shape("embed_tokens.weight")[0]
+        return Gemma3Config(
+            vocab_size=rows, hidden_size=d,
+            intermediate_size=int(self.field(a + "feed_forward_length")),
+            num_layers=n, num_heads=heads,
+            num_kv_heads=int(self.field(a + "attention.head_count_kv", heads)),
+            head_dim=head_dim, query_pre_attn_scalar=float(qpas),
+            sliding_window=int(self.field(a + "attention.sliding_window", 4096)),
+            layer_types=_pattern(n),
+            rope_global_theta=float(self.field(a + "rope.freq_base", 1e6)),
+            rope_global_scaling=float(scaling) if scaling else 1.0,
+            rms_norm_eps=float(self.field(a + "attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=int(self.field(a + "context_length", 131_072)),
+        )

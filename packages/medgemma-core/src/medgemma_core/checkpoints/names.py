@@ -1,0 +1,80 @@
+"""Tensor names of Hugging Face Gemma 3 checkpoints and how each maps onto our parameters.
+
+Hugging Face stores torch ``Linear`` weights as [out, in]; we store kernels [in, ...]:
+q [D, H, Hd], k/v [D, K, Hd], o [H, Hd, D], gate/up [D, F], down [F, D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..config import Gemma3Config
+
+# Every prefix under which the text decoder appears in a real download (REFERENCE.md section 4).
+TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One checkpoint tensor: its name (without prefix), our state path, the stored shape it
+    must have, and the function turning the stored array into ours."""
+
+    name: str
+    path: tuple[Any, ...]
+    shape: tuple[int, ...]
+    convert: Callable[[Any], Any]
+
+
+def _ident(x):
+    return x
+
+
+def text_specs(cfg: Gemma3Config) -> list[TensorSpec]:
+    """Specs of every decoder tensor, in Hugging Face naming (prefix removed)."""
+    d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                      cfg.num_kv_heads, cfg.head_dim)
+    specs = [
+        TensorSpec("embed_tokens.weight", ("embedding",), (cfg.vocab_size, d), _ident),
+        TensorSpec("norm.weight", ("final_norm", "scale"), (d,), _ident),
+    ]
+    norms = {"input_layernorm": "pre_attn_norm", "post_attention_layernorm": "post_attn_norm",
+             "pre_feedforward_layernorm": "pre_ffw_norm",
+             "post_feedforward_layernorm": "post_ffw_norm"}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        for hf, ours in norms.items():
+            specs.append(TensorSpec(p + hf + ".weight", ("layers", i, ours, "scale"), (d,), _ident))
+        specs += [
+            TensorSpec(p + "self_attn.q_proj.weight", ("layers", i, "attn", "q"), (h * hd, d),
+                       lambda w, h=h: w.T.reshape(d, h, hd)),
+            TensorSpec(p + "self_attn.k_proj.weight", ("layers", i, "attn", "k"), (k * hd, d),
+                       lambda w, k=k: w.T.reshape(d, k, hd)),
+            TensorSpec(p + "self_attn.v_proj.weight", ("layers", i, "attn", "v"), (k * hd, d),
+                       lambda w, k=k: w.T.reshape(d, k, hd)),
+            TensorSpec(p + "self_attn.o_proj.weight", ("layers", i, "attn", "o"), (d, h * hd),
+                       lambda w, h=h: w.T.reshape(h, hd, d)),
+            TensorSpec(p + "self_attn.q_norm.weight", ("layers", i, "attn", "q_norm", "scale"),
+                       (hd,), _ident),
+            TensorSpec(p + "self_attn.k_norm.weight", ("layers", i, "attn", "k_norm", "scale"),
+                       (hd,), _ident),
+            TensorSpec(p + "mlp.gate_proj.weight", ("layers", i, "mlp", "gate"), (f, d), _t),
+            TensorSpec(p + "mlp.up_proj.weight", ("layers", i, "mlp", "up"), (f, d), _t),
+            TensorSpec(p + "mlp.down_proj.weight", ("layers", i, "mlp", "down"), (d, f), _t),
+        ]
+    return specs
+
+
+def _t(w):
+    return w.T
+
+
+def find_prefix(names: Iterable[str], prefixes: Iterable[str] = TEXT_PREFIXES,
+                anchor: str = "embed_tokens.weight") -> str | None:
+    """The first prefix under which ``anchor`` exists among ``names``."""
+    names = set(names)
+    for prefix in prefixes:
+        if prefix + anchor in names:
+            return prefix
+    return None

@@ -1,0 +1,190 @@
+"""Compiled generation: bucketed prefill, a decode loop that runs inside XLA, streaming.
+
+Prompts of a batch are left-padded to a common bucketed length, so a new prompt length does
+not mean a new compile. The decode loop is a ``lax.while_loop``: no Python runs per token.
+Streaming runs the same compiled loop a few tokens at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .sampling import Sampling, select
+from .transformer import Gemma3, KVCache
+
+PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
+    """Turn on JAX's persistent compilation cache (on by default; MEDGEMMA_JAX_CACHE=0 turns
+    it off, MEDGEMMA_JAX_CACHE=DIR moves it)."""
+    env = os.environ.get("MEDGEMMA_JAX_CACHE")
+    if env == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    folder = Path(path or env or Path.home() / ".cache" / "medgemma" / "jax")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def bucket(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"a prompt of {n} tokens is longer than the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass
+class Generation:
+    """Result of :meth:`Engine.generate`: generated ids per row (stop token included when one
+    was produced), and the prompt lengths."""
+
+    token_ids: list[list[int]]
+    prompt_tokens: list[int]
+    stopped: list[bool]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _LoopState:
+    cache: KVCache
+    token: jax.Array  # [B] last produced token
+    done: jax.Array  # [B] bool
+    out: jax.Array  # [B, N] produced tokens (pad after stop)
+    step: jax.Array  # () number of tokens produced so far
+
+
+class Engine:
+    """Generation over a loaded :class:`Gemma3` (or anything with the same call signature)."""
+
+    def __init__(self, model: Gemma3, *, stop_ids: Sequence[int] = (1, 106), pad_id: int = 0):
+        enable_compilation_cache()
+        self.config = model.config
+        self.graphdef, self.state = nnx.split(model)
+        self.stop_ids = tuple(int(s) for s in stop_ids)
+        self.pad_id = int(pad_id)
+        self.cache_dtype = model.dtype
+
+    # ---- compiled pieces ------------------------------------------------------------------
+    @functools.partial(jax.jit, static_argnames=("self", "cache_len", "max_new", "skey", "stops"))
+    def _prefill(self, state, tokens, start, embeddings, image_id, key, temperature, top_p, *,
+                 cache_len: int, max_new: int, skey, stops):
+        model = nnx.merge(self.graphdef, state)
+        b = tokens.shape[0]
+        cache = KVCache.create(self.config, b, cache_len, start, self.cache_dtype)
+        logits, cache = model(tokens, embeddings=embeddings, cache=cache, image_id=image_id,
+                              logits_at="last")
+        tok = select(logits, jax.random.fold_in(key, 0), temperature, top_p,
+                     greedy=skey[0], top_k=skey[1], use_top_p=skey[2])
+        done = _is_stop(tok, stops)
+        out = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(tok)
+        return _LoopState(cache, tok, done, out, jnp.ones((), jnp.int32))
+
+    @functools.partial(jax.jit, static_argnames=("self", "skey", "stops"), donate_argnums=(2,))
+    def _decode(self, state, loop: _LoopState, limit, key, temperature, top_p, *, skey, stops):
+        model = nnx.merge(self.graphdef, state)
+
+        def cond(s: _LoopState):
+            return (s.step < limit) & ~jnp.all(s.done)
+
+        def body(s: _LoopState):
+            logits, cache = model(s.token[:, None], cache=s.cache, logits_at="last")
+            tok = select(logits, jax.random.fold_in(key, s.step), temperature, top_p,
+                         greedy=skey[0], top_k=skey[1], use_top_p=skey[2])
+            tok = jnp.where(s.done, self.pad_id, tok)
+            out = jax.lax.dynamic_update_slice(s.out, tok[:, None], (0, s.step))
+            return _LoopState(cache, tok, s.done | _is_stop(tok, stops), out, s.step + 1)
+
+        return jax.lax.while_loop(cond, body, loop)
+
+    # ---- driver ---------------------------------------------------------------------------
+    def _start(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling,
+               stops, embeddings=None, image_id=None):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        lengths = [len(p) for p in prompts]
+        t = bucket(max(lengths))
+        tokens = np.full((len(prompts), t), self.pad_id, np.int32)
+        start = np.array([t - n for n in lengths], np.int32)
+        for row, p in enumerate(prompts):
+            tokens[row, t - len(p):] = p
+        if embeddings is not None:  # caller-provided [B, T0, D] for right-aligned prompts
+            pad = t - embeddings.shape[1]
+            embeddings = jnp.pad(embeddings, ((0, 0), (pad, 0), (0, 0)))
+            image_id = jnp.pad(image_id, ((0, 0), (pad, 0)))
+        max_new = bucket(max_new_tokens, tuple(2**i for i in range(4, 18)))
+        cache_len = t + max_new
+        if cache_len > self.config.max_position_embeddings + t:
+            raise ValueError("prompt + max_new_tokens exceed the model's context length")
+        key = jax.random.key(sampling.seed)
+        temp = jnp.float32(max(sampling.temperature, 1e-6))
+        top_p = jnp.float32(sampling.top_p)
+        loop = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(start), embeddings,
+                             image_id, key, temp, top_p, cache_len=cache_len, max_new=max_new,
+                             skey=sampling.static_key(), stops=stops)
+        return loop, key, temp, top_p, lengths
+
+    def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+               sampling: Sampling = Sampling(), chunk: int = 4, ignore_eos: bool = False,
+               embeddings=None, image_id=None) -> Iterator[list[list[int]]]:
+        """Yield, chunk by chunk, the new tokens of each row (empty once a row stopped)."""
+        stops = () if ignore_eos else self.stop_ids
+        loop, key, temp, top_p, _ = self._start(prompts, max_new_tokens, sampling, stops,
+                                                embeddings, image_id)
+        emitted = 0
+        finished = [False] * len(prompts)
+        while True:
+            produced = min(int(loop.step), max_new_tokens)
+            out = np.asarray(loop.out[:, emitted:produced])
+            piece = []
+            for r, row in enumerate(out.tolist()):
+                ids: list[int] = []
+                for tok in [] if finished[r] else row:
+                    ids.append(tok)
+                    if tok in stops:
+                        finished[r] = True
+                        break
+                piece.append(ids)
+            yield piece
+            emitted = produced
+            if produced >= max_new_tokens or all(finished):
+                return
+            limit = jnp.int32(min(produced + chunk, max_new_tokens))
+            loop = self._decode(self.state, loop, limit, key, temp, top_p,
+                                skey=sampling.static_key(), stops=stops)
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+                 sampling: Sampling = Sampling(), ignore_eos: bool = False,
+                 embeddings=None, image_id=None) -> Generation:
+        """Generate for a batch of token-id prompts (of any lengths) in one compiled loop."""
+        rows: list[list[int]] = [[] for _ in prompts]
+        for piece in self.stream(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                                 chunk=max_new_tokens, ignore_eos=ignore_eos,
+                                 embeddings=embeddings, image_id=image_id):
+            for r, ids in zip(rows, piece):
+                r.extend(ids)
+        stops = set(self.stop_ids) if not ignore_eos else set()
+        return Generation(rows, [len(p) for p in prompts],
+                          [bool(r) and r[-1] in stops for r in rows])
+
+
+def _is_stop(tok: jax.Array, stops: tuple[int, ...]) -> jax.Array:
+    stop = jnp.zeros(tok.shape, bool)
+    for s in stops:
+        stop = stop | (tok == s)
+    return stop

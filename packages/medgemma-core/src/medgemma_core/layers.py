@@ -1,0 +1,55 @@
+"""Gemma 3 building blocks: RMSNorm(1 + w), rotary embeddings, the GeGLU feed-forward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class RMSNorm(nnx.Module):
+    """``y = x * rsqrt(mean(x^2) + eps) * (1 + w)``, computed in float32, cast back to x's dtype.
+
+    The scale is stored as Hugging Face stores it (zero-centred: 0 means identity).
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.zeros((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(var + self.eps)
+        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: float = 1.0) -> jax.Array:
+    """Inverse frequencies [head_dim // 2] in float32; linear scaling divides them."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    return 1.0 / (theta**exponents) / scaling
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half (NeoX) RoPE. x [B, T, N, H], positions [B, T] int."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos = jnp.cos(angles).astype(x.dtype)
+    sin = jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class FeedForward(nnx.Module):
+    """GeGLU: down(gelu_tanh(x @ gate) * (x @ up)). Kernels stored [in, out]."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.gate = nnx.Param(init(rngs.params(), (dim, hidden), dtype))
+        self.up = nnx.Param(init(rngs.params(), (dim, hidden), dtype))
+        self.down = nnx.Param(init(rngs.params(), (hidden, dim), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = jax.nn.gelu(x @ self.gate[...], approximate=True)
+        return (gate * (x @ self.up[...])) @ self.down[...]

@@ -1,0 +1,151 @@
+"""The Gemma 3 text decoder (Flax NNX) and its KV cache."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from .attention import Attention, AttnInputs
+from .config import Gemma3Config
+from .layers import FeedForward, RMSNorm, rope_inv_freq
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer (k, v) [B, S, K, Hd]; S = ``window`` for local layers (a ring buffer), the
+    maximum length for global ones. ``ring_index`` [window] holds the absolute index stored in
+    each ring slot (-1 empty); ``start`` [B] is each row's first real index (left padding);
+    ``length`` is the next index to write."""
+
+    layers: tuple[tuple[jax.Array, jax.Array], ...]
+    ring_index: jax.Array
+    start: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def create(cls, cfg: Gemma3Config, batch: int, max_len: int, start: jax.Array,
+               dtype=jnp.float32) -> KVCache:
+        layers = []
+        w = min(cfg.sliding_window, max_len)
+        for i in range(cfg.num_layers):
+            s = w if cfg.is_local(i) else max_len
+            shape = (batch, s, cfg.num_kv_heads, cfg.head_dim)
+            layers.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+        return cls(tuple(layers), jnp.full((w,), -1, jnp.int32),
+                   jnp.asarray(start, jnp.int32), jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        sizes = [k.shape[1] for k, _ in self.layers]
+        return max(sizes)
+
+
+class Block(nnx.Module):
+    """Sandwich-norm decoder layer: h += post_attn(attn(pre_attn(h))); h += post_ffw(mlp(pre_ffw(h)))."""
+
+    def __init__(self, cfg: Gemma3Config, layer: int, *, dtype, rngs: nnx.Rngs):
+        eps = cfg.rms_norm_eps
+        self.pre_attn_norm = RMSNorm(cfg.hidden_size, eps=eps, dtype=dtype)
+        self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=eps, dtype=dtype)
+        self.pre_ffw_norm = RMSNorm(cfg.hidden_size, eps=eps, dtype=dtype)
+        self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+        self.post_ffw_norm = RMSNorm(cfg.hidden_size, eps=eps, dtype=dtype)
+
+    def __call__(self, h, inp, inv_freq, cache=None, ring_index=None):
+        a, new_cache = self.attn(self.pre_attn_norm(h), inp, inv_freq, cache, ring_index)
+        h = h + self.post_attn_norm(a)
+        h = h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h)))
+        return h, new_cache
+
+
+class Gemma3(nnx.Module):
+    """Gemma 3 decoder. ``embedding`` [V, D] is tied to the output projection."""
+
+    def __init__(self, cfg: Gemma3Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        self.embedding = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs)
+                                for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+
+    # ---- pieces -------------------------------------------------------------------------
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] -> [B, T, D], scaled by sqrt(D) rounded to the weight dtype."""
+        table = self.embedding[...]
+        scale = jnp.asarray(math.sqrt(self.config.hidden_size), table.dtype)
+        return jnp.take(table, tokens, axis=0) * scale
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final hidden states [..., D] (already normed) -> logits [..., V] in float32."""
+        out = jnp.einsum("...d,vd->...v", h, self.embedding[...],
+                         preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            out = jnp.tanh(out / cap) * cap
+        return out
+
+    def _inv_freqs(self) -> dict[bool, jax.Array]:
+        c = self.config
+        return {True: rope_inv_freq(c.head_dim, c.rope_local_theta),
+                False: rope_inv_freq(c.head_dim, c.rope_global_theta, c.rope_global_scaling)}
+
+    # ---- forward ------------------------------------------------------------------------
+    def __call__(self, tokens: jax.Array, *, embeddings: jax.Array | None = None,
+                 cache: KVCache | None = None, start: jax.Array | None = None,
+                 image_id: jax.Array | None = None,
+                 logits_at: str = "all") -> tuple[jax.Array, KVCache | None]:
+        """Run T new tokens [B, T].
+
+        Without a cache the tokens are a whole sequence at indices 0..T-1 (``start`` marks left
+        padding). With a cache they continue at ``cache.length``. ``embeddings`` [B, T, D]
+        replaces the token embedding (the image-text model inserts soft tokens there).
+        ``logits_at``: "all" [B, T, V], "last" [B, V], or "none" (final hidden states).
+        """
+        b, t = tokens.shape
+        h = self.embed(tokens) if embeddings is None else embeddings
+        base = jnp.zeros((), jnp.int32) if cache is None else cache.length
+        if start is None:
+            start = jnp.zeros((b,), jnp.int32) if cache is None else cache.start
+        qidx = base + jnp.arange(t, dtype=jnp.int32)
+        positions = qidx[None, :] - start[:, None]
+        inp = AttnInputs(q_index=qidx, start=start, positions=jnp.maximum(positions, 0),
+                         image_id=image_id)
+        freqs = self._inv_freqs()
+        new_layers: list[Any] = []
+        for i, block in enumerate(self.layers):
+            local = self.config.is_local(i)
+            entry = None if cache is None else cache.layers[i]
+            ring = None if cache is None else cache.ring_index
+            h, new = block(h, inp, freqs[local], entry, ring)
+            new_layers.append(new)
+        new_cache = None
+        if cache is not None:
+            new_cache = cache.replace(layers=tuple(new_layers),
+                                      ring_index=_advance_ring(cache.ring_index, qidx),
+                                      length=base + t)
+        h = self.final_norm(h)
+        if logits_at == "none":
+            return h, new_cache
+        if logits_at == "last":
+            h = h[:, -1]
+        return self.logits(h), new_cache
+
+
+def _advance_ring(ring: jax.Array, qidx: jax.Array) -> jax.Array:
+    w, t = ring.shape[0], qidx.shape[0]
+    m = min(w, t)
+    return ring.at[qidx[t - m:] % w].set(qidx[t - m:])
+
+
+def param_count(cfg: Gemma3Config) -> int:
+    """Number of parameters, from shapes only (``jax.eval_shape``: no memory used)."""
+    model = nnx.eval_shape(lambda: Gemma3(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
