@@ -1,0 +1,175 @@
+"""Image preprocessing for the vision tower: any image -> float32 ``[B, S, S, 3]`` in [-1, 1].
+
+Steps per image: read (file path, PIL image or array), convert to RGB (grayscale repeated,
+alpha composited onto white as transformers' ``convert_rgb`` does), optionally zero-pad to a
+centred square, resize to ``S x S`` (aspect ratio not kept), scale to [0, 1], then
+``(x - 0.5) / 0.5``.
+
+Accepted arrays: ``[H, W]``, ``[H, W, 1|2|3|4]`` of uint8 (0..255), uint16 (0..65535, e.g.
+16-bit PNG radiographs) or float in [0, 1].
+
+``resample``:
+
+* ``"bicubic"`` (default) reproduces transformers' ``SiglipImageProcessor`` (PIL bicubic,
+  uint8 images resized as uint8, as the reference processor does); it is what
+  ``SiglipModel.from_pretrained`` users get.
+* ``"bilinear"``: bilinear at half-pixel centres without antialiasing, i.e.
+  ``tf.image.resize(method="bilinear", antialias=False)`` used by Google's MedSigLIP model card
+  (and ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+Resample = Literal["bicubic", "bilinear"]
+ImageLike = str | Path | Image.Image | np.ndarray
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file (PNG, JPEG, TIFF, ...) fully; a clear error when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{path}: not a readable image ({err}); pass a PNG or JPEG") from None
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(img, dtype=np.uint16)
+    if img.mode == "I":
+        arr = np.asarray(img)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError("32-bit integer image outside 0..65535: scale it to uint16 first")
+        return arr.astype(np.uint16)
+    if img.mode == "F":
+        return np.asarray(img, dtype=np.float32)
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+    return np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
+
+
+def _as_array(image: Any) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        return _pil_to_array(image)
+    arr = np.asarray(image)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    return arr
+
+
+def _to_rgb(arr: np.ndarray) -> np.ndarray:
+    """``[H, W(, C)]`` -> ``[H, W, 3]``, alpha composited onto white, same dtype."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(
+            f"image of shape {list(arr.shape)}: expected [H, W] or [H, W, C] with C in 1..4 "
+            "(channels-last)"
+        )
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"empty image of shape {list(arr.shape)}")
+    c = arr.shape[-1]
+    if c in (2, 4):
+        color, alpha = arr[..., :-1], arr[..., -1:]
+        if arr.dtype == np.uint8:  # exactly as PIL's alpha_composite onto white (HF convert_rgb)
+            rgba = np.concatenate([np.repeat(color, 3 // color.shape[-1], -1), alpha], -1)
+            white = Image.new("RGBA", rgba.shape[1::-1], (255, 255, 255, 255))
+            out = Image.alpha_composite(white, Image.fromarray(rgba, "RGBA")).convert("RGB")
+            return np.asarray(out)
+        top = _max_value(arr.dtype)
+        a = alpha.astype(np.float32) / top
+        arr = color.astype(np.float32) / top * a + (1.0 - a)  # float32 in [0, 1]
+        c -= 1
+    return np.repeat(arr, 3, axis=-1) if c == 1 else arr
+
+
+def _max_value(dtype: np.dtype) -> float:
+    if dtype == np.uint8:
+        return 255.0
+    if dtype == np.uint16:
+        return 65535.0
+    if np.issubdtype(dtype, np.floating):
+        return 1.0
+    raise ValueError(f"unsupported image dtype {dtype}: use uint8, uint16 or float in [0, 1]")
+
+
+def _pad_square(arr: np.ndarray) -> np.ndarray:
+    h, w = arr.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return np.pad(arr, ((top, side - h - top), (left, side - w - left), (0, 0)))
+
+
+def _resize_bicubic(arr: np.ndarray, size: int) -> np.ndarray:
+    """PIL bicubic (antialiased when shrinking). uint8 stays uint8 (rounded), as HF does."""
+    if arr.dtype == np.uint8:
+        out = Image.fromarray(arr, "RGB").resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(out).astype(np.float32) / 255.0
+    x = arr.astype(np.float32) / _max_value(arr.dtype)
+    chans = [
+        np.asarray(Image.fromarray(x[..., i], "F").resize((size, size), Image.Resampling.BICUBIC))
+        for i in range(3)
+    ]
+    return np.stack(chans, axis=-1)
+
+
+def _resize_bilinear(arr: np.ndarray, size: int) -> np.ndarray:
+    x = arr.astype(np.float32) / _max_value(arr.dtype)
+    out = jax.image.resize(x, (size, size, 3), method="linear", antialias=False)
+    return np.asarray(out, dtype=np.float32)
+
+
+def preprocess_one(image: ImageLike, size: int = 448, *, resample: Resample = "bicubic",
+                   pad_to_square: bool = False) -> np.ndarray:
+    """One image -> float32 ``[size, size, 3]`` in [-1, 1]."""
+    arr = _as_array(image)
+    _max_value(arr.dtype)  # rejects unsupported dtypes early
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or arr.min() < 0.0 or arr.max() > 1.0:
+            raise ValueError("float images must hold finite values in [0, 1]: divide by the "
+                             "maximum (255 or 65535) first")
+    arr = _to_rgb(arr)
+    if pad_to_square:
+        arr = _pad_square(arr)
+    if resample == "bicubic":
+        x = _resize_bicubic(arr, size)
+    elif resample == "bilinear":
+        x = _resize_bilinear(arr, size)
+    else:
+        raise ValueError(f"resample={resample!r}: use 'bicubic' or 'bilinear'")
+    return (x - 0.5) / 0.5
+
+
+def preprocess(images: ImageLike | Sequence[ImageLike], size: int = 448, *,
+               resample: Resample = "bicubic", pad_to_square: bool = False) -> np.ndarray:
+    """Images (paths, PIL images or arrays; one or a list) -> float32 ``[B, size, size, 3]``
+    in [-1, 1], ready for :class:`medsiglip.VisionTower` (NHWC).
+
+    ``size``: the tower's ``image_size`` (448 for MedSigLIP, 896 for MedGemma).
+    ``pad_to_square``: zero-pad (black) to a centred square first, keeping the aspect ratio.
+    """
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    single = isinstance(images, (str, Path, Image.Image)) or (
+        isinstance(images, np.ndarray) and images.ndim in (2, 3)
+        and not (images.ndim == 3 and images.dtype == object)
+    )
+    batch = [images] if single else list(images)
+    if not batch:
+        raise ValueError("no images given")
+    out = [preprocess_one(im, size, resample=resample, pad_to_square=pad_to_square)
+           for im in batch]
+    return np.stack(out).astype(np.float32)
