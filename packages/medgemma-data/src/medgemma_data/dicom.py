@@ -1,0 +1,203 @@
+"""DICOM reading shared by the DICOM plugins: headers, pixels, decoder errors, LUTs.
+
+Pixels are decoded by pydicom's decoder plugins (pylibjpeg-libjpeg, pylibjpeg-openjpeg,
+pylibjpeg-rle), which medgemma-data declares; a missing decoder becomes a
+:class:`~medgemma_data.errors.DecoderMissingError` naming the package to install.
+Nothing here logs or returns patient identifiers.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DecoderMissingError, InvalidInputError
+
+#: Transfer-syntax family -> pip packages that decode it.
+_DECODER_PACKAGES = {
+    "JPEG-LS": "pylibjpeg pylibjpeg-libjpeg",
+    "JPEG 2000": "pylibjpeg pylibjpeg-openjpeg",
+    "JPEG": "pylibjpeg pylibjpeg-libjpeg",
+    "RLE": "pylibjpeg pylibjpeg-rle",
+}
+
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+
+
+def has_dicom_preamble(path: Path) -> bool:
+    """True when ``path`` is a file with the ``DICM`` magic at byte 128."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+@lru_cache(maxsize=256)
+def _header(path: str, mtime_ns: int, size: int):  # noqa: ANN202 - a pydicom Dataset
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def header(path: Path):  # noqa: ANN201 - a pydicom Dataset (read-only, shared: do not modify)
+    """The header of a DICOM file (no pixel data), or ``None`` when it is not DICOM.
+
+    Cached on (path, mtime, size) so several detectors share one read.
+    """
+    if not path.is_file() or not has_dicom_preamble(path):
+        return None
+    st = path.stat()
+    try:
+        return _header(str(path), st.st_mtime_ns, st.st_size)
+    except Exception:
+        return None
+
+
+def read(path: Path):  # noqa: ANN201 - a pydicom Dataset
+    """Read a whole DICOM file; a clear :class:`InvalidInputError` when it is not one."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise InvalidInputError(f"{path} is not a DICOM file (no DICM preamble); "
+                                "check the path or pass the right --modality") from None
+    except Exception as exc:
+        raise InvalidInputError(f"{path} is a truncated or corrupt DICOM file "
+                                f"({type(exc).__name__}: {exc})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise InvalidInputError(f"{path} is DICOM but holds no image (no PixelData); "
+                                "point at an image object")
+    return ds
+
+
+def check_decoder(ds, path: Path) -> None:  # noqa: ANN001
+    """Raise :class:`DecoderMissingError` if no installed plugin decodes ``ds``'s syntax."""
+    from pydicom.pixels import get_decoder
+
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is None or not ts.is_compressed:
+        return
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        raise DecoderMissingError(f"{path}: transfer syntax {ts.name} ({ts}) has no decoder "
+                                  "in pydicom; convert the file (e.g. with dcmtk's dcmdjpeg)") \
+            from None
+    if not decoder.is_available:
+        family = next((k for k in _DECODER_PACKAGES if ts.name.startswith(k)), None)
+        pkgs = _DECODER_PACKAGES.get(family or "", "python-gdcm")
+        raise DecoderMissingError(f"{path}: no decoder installed for {ts.name}; "
+                                  f"pip install {pkgs}")
+
+
+def frames(ds, path: Path) -> np.ndarray:  # noqa: ANN001
+    """Decoded pixels as ``[F, H, W]`` or ``[F, H, W, 3]`` (YBR converted to RGB)."""
+    check_decoder(ds, path)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        raise InvalidInputError(f"{path}: pixel data is truncated or corrupt "
+                                f"({type(exc).__name__}: {exc})") from None
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.get("SamplesPerPixel", 1))
+    if n_frames == 1:
+        arr = arr[None]
+    if spp not in (1, 3) or arr.ndim != (3 if spp == 1 else 4):
+        raise InvalidInputError(f"{path}: unsupported pixel layout {arr.shape} "
+                                f"(SamplesPerPixel {spp})")
+    return arr
+
+
+def modality_lut(arr: np.ndarray, ds) -> np.ndarray:  # noqa: ANN001
+    """Apply the Modality LUT or rescale slope/intercept (e.g. stored values -> HU); float64."""
+    from pydicom.pixels import apply_modality_lut
+
+    return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+
+
+def voi_window(arr: np.ndarray, ds) -> tuple[np.ndarray, list[float] | None]:  # noqa: ANN001
+    """Apply the first VOI LUT or window of ``ds`` when present (pydicom's implementation).
+
+    Returns the windowed values and ``[center, width]`` (or ``None`` when no window applied).
+    """
+    from pydicom.pixels import apply_voi_lut
+
+    has_lut = "VOILUTSequence" in ds
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    if not (has_lut or has_window):
+        return arr, None
+    out = np.asarray(apply_voi_lut(arr, ds, index=0, prefer_lut=True), dtype=np.float64)
+    if has_lut:
+        return out, None
+    c, w = ds.WindowCenter, ds.WindowWidth
+    c = float(c[0] if ds["WindowCenter"].VM > 1 else c)
+    w = float(w[0] if ds["WindowWidth"].VM > 1 else w)
+    return out, [c, w]
+
+
+def safe_float_list(value) -> list[float] | None:  # noqa: ANN001
+    """A DICOM multi-valued number as a list of floats (``None`` when absent or malformed)."""
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError):
+        try:
+            return [float(value)]
+        except (TypeError, ValueError):
+            return None
+
+
+def basic_metadata(ds) -> dict[str, object]:  # noqa: ANN001
+    """The allow-listed, non-identifying facts of a DICOM header."""
+    meta: dict[str, object] = {}
+    for key, tag in (("modality", "Modality"), ("body_part", "BodyPartExamined"),
+                     ("view", "ViewPosition"), ("laterality", "ImageLaterality"),
+                     ("photometric", "PhotometricInterpretation")):
+        value = ds.get(tag)
+        if value not in (None, ""):
+            meta[key] = str(value)
+    for key, tag in (("rows", "Rows"), ("columns", "Columns"), ("bits_stored", "BitsStored")):
+        if ds.get(tag) is not None:
+            meta[key] = int(ds.get(tag))
+    spacing = safe_float_list(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"))
+    if spacing:
+        meta["pixel_spacing"] = spacing
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None:
+        meta["transfer_syntax"] = ts.name
+    return meta
+
+
+def sniff(path: Path, limit: int = 8) -> list:
+    """Headers of ``path`` (a file) or of up to ``limit`` DICOM files under a folder.
+
+    Cheap enough for detectors: reads only headers, and only the first few files.
+    """
+    if path.is_file():
+        ds = header(path)
+        return [ds] if ds is not None else []
+    found = []
+    try:
+        candidates = sorted(path.rglob("*"))
+    except OSError:
+        return []
+    for p in candidates:
+        if p.is_file():
+            ds = header(p)
+            if ds is not None and "Rows" in ds:
+                found.append(ds)
+                if len(found) >= limit:
+                    break
+    return found
+
+
+def is_wsi(ds) -> bool:  # noqa: ANN001
+    """Whether a header is a VL Whole Slide Microscopy image (read by the wsi plugin)."""
+    return str(ds.get("SOPClassUID", "")) == WSI_SOP_CLASS

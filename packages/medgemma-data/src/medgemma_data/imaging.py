@@ -1,0 +1,97 @@
+"""Small numpy/Pillow helpers every plugin uses to make model-ready RGB images.
+
+All outputs are ``uint8`` arrays of shape ``[H, W, 3]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidInputError
+
+
+def to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map ``[lo, hi]`` linearly to ``0..255``: clip, scale, round half to even. Any shape.
+
+    A degenerate range (``hi <= lo``) maps everything to 0.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if not hi > lo:
+        return np.zeros(x.shape, np.uint8)
+    y = (np.clip(x, lo, hi) - lo) * (255.0 / (hi - lo))
+    return np.rint(y).astype(np.uint8)
+
+
+def stretch(values: np.ndarray) -> np.ndarray:
+    """Min-max stretch of the whole array to ``0..255`` (``uint8``, same shape)."""
+    x = np.asarray(values)
+    return to_uint8(x, float(x.min()), float(x.max()))
+
+
+def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    """``uint8 [H, W]`` -> ``uint8 [H, W, 3]`` (the gray value in every channel)."""
+    if gray.ndim != 2:
+        raise ValueError(f"expected a [H, W] image, got shape {gray.shape}")
+    return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+
+
+def pad_to_square(image: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    """Pad ``[H, W, 3]`` symmetrically with ``color`` to ``[S, S, 3]``, ``S = max(H, W)``."""
+    h, w = image.shape[:2]
+    s = max(h, w)
+    out = np.empty((s, s, 3), np.uint8)
+    out[...] = np.asarray(color, np.uint8)
+    top, left = (s - h) // 2, (s - w) // 2
+    out[top:top + h, left:left + w] = image
+    return out
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    """``"000000"``/``"#ffffff"``/``"255,255,255"`` -> an RGB triple."""
+    t = text.strip().lstrip("#")
+    try:
+        if "," in t:
+            r, g, b = (int(v) for v in t.split(","))
+        elif len(t) == 6:
+            r, g, b = (int(t[i:i + 2], 16) for i in (0, 2, 4))
+        else:
+            raise ValueError
+    except ValueError:
+        raise InvalidInputError(f"colour {text!r} must be RRGGBB hex or r,g,b") from None
+    if not all(0 <= v <= 255 for v in (r, g, b)):
+        raise InvalidInputError(f"colour {text!r} has a channel outside 0..255")
+    return r, g, b
+
+
+def read_photo(path: Path) -> tuple[np.ndarray, int | None]:
+    """Read a JPEG/PNG/... with Pillow, applying the EXIF orientation.
+
+    Returns ``(rgb uint8 [H, W, 3], exif orientation tag or None)``; 16-bit grayscale is
+    min-max stretched, palette and alpha images are converted to RGB (alpha on white).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            orientation = im.getexif().get(0x0112)
+            im = ImageOps.exif_transpose(im)
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInputError(f"{path} is not a readable image ({exc}); check the file") \
+            from None
+    return pil_to_rgb(im), orientation
+
+
+def pil_to_rgb(im) -> np.ndarray:  # noqa: ANN001 - a PIL image
+    """A Pillow image of any mode -> ``uint8 [H, W, 3]``."""
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return gray_to_rgb(stretch(np.asarray(im)))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
