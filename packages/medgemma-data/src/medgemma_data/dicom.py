@@ -8,6 +8,7 @@ Nothing here logs or returns patient identifiers.
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -63,13 +64,18 @@ def read(path: Path):  # noqa: ANN201 - a pydicom Dataset
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)
     except InvalidDicomError:
         raise InvalidInputError(f"{path} is not a DICOM file (no DICM preamble); "
                                 "check the path or pass the right --modality") from None
     except Exception as exc:
         raise InvalidInputError(f"{path} is a truncated or corrupt DICOM file "
                                 f"({type(exc).__name__}: {exc})") from None
+    if any("End of file" in str(w.message) for w in caught):
+        raise InvalidInputError(f"{path} is a truncated or corrupt DICOM file (it ends "
+                                "inside an element); fetch the file again")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise InvalidInputError(f"{path} is DICOM but holds no image (no PixelData); "
                                 "point at an image object")
@@ -102,8 +108,12 @@ def frames(ds, path: Path) -> np.ndarray:  # noqa: ANN001
     try:
         arr = ds.pixel_array
     except Exception as exc:
-        raise InvalidInputError(f"{path}: pixel data is truncated or corrupt "
-                                f"({type(exc).__name__}: {exc})") from None
+        detail = " ".join(str(exc).split())
+        ts = ds.file_meta.get("TransferSyntaxUID")
+        raise InvalidInputError(f"{path}: pixel data could not be decoded; it is truncated or "
+                                f"corrupt, or an unsupported variant of "
+                                f"{ts.name if ts else 'its transfer syntax'} ({detail})") \
+            from None
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     spp = int(ds.get("SamplesPerPixel", 1))
     if n_frames == 1:

@@ -140,11 +140,11 @@ def _short(value: object) -> str:
     return repr(value)
 
 
-def build_registry(extra: Iterable[tuple[str, ModuleType]] = ()) -> Registry:
+def build_registry(extra: Iterable[tuple[str, ModuleType, str, str]] = ()) -> Registry:
     """Load every allowed plugin and collect what it registers.
 
-    ``extra``: (name, module) pairs registered as if they came from an entry point of an
-    unknown distribution; used by tests and by :mod:`medgemma_data.testing`.
+    ``extra``: ``(plugin name, module, distribution, version)`` registered after the
+    entry points as if they came from one; used by :mod:`medgemma_data.testing`.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -153,7 +153,7 @@ def build_registry(extra: Iterable[tuple[str, ModuleType]] = ()) -> Registry:
     registry = Registry(pm)
     allow, deny = _names(ENV_ALLOW), _names(ENV_DENY) or set()
     sources = _sources() + [
-        _Source(name, "unknown", "unknown", (lambda m=mod: m)) for name, mod in extra
+        _Source(name, dist, version, (lambda m=mod: m)) for name, mod, dist, version in extra
     ]
     loaded: list[_Source] = []
     for src in sources:
@@ -239,3 +239,11 @@ def reset_registry() -> None:
     """Forget the registry so the next call rebuilds it (after changing the environment)."""
     global _REGISTRY
     _REGISTRY = None
+
+
+def set_registry(registry: Registry | None) -> Registry | None:
+    """Install ``registry`` as the process-wide one (``None``: rebuild on next use); returns
+    the previous one. For tests: see :func:`medgemma_data.testing.plugins_registered`."""
+    global _REGISTRY
+    previous, _REGISTRY = _REGISTRY, registry
+    return previous

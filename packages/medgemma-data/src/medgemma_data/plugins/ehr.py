@@ -57,7 +57,7 @@ def _concept(cc) -> str | None:  # noqa: ANN001 - a CodeableConcept
             return coding.display
     for coding in cc.coding or []:
         if coding.code:
-            return f"{coding.code} ({coding.system or 'code'})"
+            return str(coding.code)
     return None
 
 
