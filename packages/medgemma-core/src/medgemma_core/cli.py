@@ -1,0 +1,142 @@
+"""The ``medgemma`` command: generate from (or chat with) a Gemma 3 / MedGemma checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+EPILOG = """\
+examples:
+  medgemma generate --prompt "The heart has four chambers:"          (embedded 270M model)
+  medgemma generate --checkpoint gemma-3-270m.gguf --prompt "Hi" --greedy --json
+  medgemma generate --checkpoint medgemma-4b-it/ --chat --system "You are a radiologist." \\
+      --prompt "Describe this X-ray." --image cxr.png
+  medgemma chat --checkpoint medgemma-4b-it/
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medgemma", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--checkpoint", help="Hugging Face folder, .gguf file or Orbax folder "
+                        "(default: the embedded Gemma 3 270M, a small text-only base model)")
+        sp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and activations (float32 is the fast path on CPUs)")
+        sp.add_argument("--system", help="system prompt (folded into the first user turn)")
+        sp.add_argument("--max-new-tokens", type=int, default=256)
+        mode = sp.add_mutually_exclusive_group()
+        mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+        mode.add_argument("--temperature", type=float, default=0.0,
+                          help="sample at this temperature (0 = greedy)")
+        sp.add_argument("--top-k", type=int, default=0, help="keep the k most likely (0 = off)")
+        sp.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
+        sp.add_argument("--seed", type=int, default=0)
+
+    g = sub.add_parser("generate", help="generate a continuation or an answer",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    common(g)
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the chat template (instruction-tuned models); "
+                        "without it the prompt is raw text after <bos> (base models)")
+    g.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image (PNG/JPEG) after the prompt text, in one user turn; "
+                        "repeat for several; implies --chat")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="generate exactly --max-new-tokens tokens (benchmarks)")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object as the last line of stdout")
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal")
+    common(c)
+    return p
+
+
+def _sampling(args):
+    from .sampling import Sampling
+
+    return Sampling(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+
+
+def _generate(args) -> int:
+    from .api import load
+
+    t0 = time.perf_counter()
+    model = load(args.checkpoint, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    sampling = _sampling(args)
+    if args.image:
+        content = [{"type": "text", "text": args.prompt}]
+        content += [{"type": "image", "image": path} for path in args.image]
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": content})
+        ids = model.encode_chat(messages)
+    else:
+        ids = model.encode_prompt(args.prompt, chat=args.chat, system=args.system)
+    t1 = time.perf_counter()
+    if args.json:
+        done = model.generate_ids([ids], max_new_tokens=args.max_new_tokens,
+                                  sampling=sampling, ignore_eos=args.ignore_eos)[0]
+        result = done.to_json()
+        gen_s = time.perf_counter() - t1
+        result.update(load_seconds=round(load_s, 3), generate_seconds=round(gen_s, 3),
+                      checkpoint=model.name)
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    for piece in model.stream_ids(ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                  ignore_eos=args.ignore_eos):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _chat(args) -> int:
+    from .api import load
+
+    model = load(args.checkpoint, dtype=args.dtype)
+    print(f"medgemma chat: {model.name}. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    sampling = _sampling(args)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        answer = []
+        for piece in model.chat_stream(messages, max_new_tokens=args.max_new_tokens,
+                                       temperature=sampling.temperature, top_k=sampling.top_k,
+                                       top_p=sampling.top_p, seed=sampling.seed):
+            answer.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(answer)})
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return _chat(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        print(f"medgemma: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
