@@ -73,7 +73,7 @@ def read(path: Path):  # noqa: ANN201 - a pydicom Dataset
     except Exception as exc:
         raise InvalidInputError(f"{path} is a truncated or corrupt DICOM file "
                                 f"({type(exc).__name__}: {exc})") from None
-    if any("End of file" in str(w.message) for w in caught):
+    if any("End of file" in str(w.message) for w in caught) or len(ds) == 0:
         raise InvalidInputError(f"{path} is a truncated or corrupt DICOM file (it ends "
                                 "inside an element); fetch the file again")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
