@@ -9,7 +9,7 @@ import numpy as np
 
 from ..sample import ImagePart, Location, Provenance, Sample
 from ..spec import Option, opt_bool
-from . import PHOTO_SUFFIXES
+from . import MAX_DETECT_PIXELS, PHOTO_SUFFIXES
 
 
 def small_rgb(path: Path, side: int = 64) -> np.ndarray | None:
@@ -21,6 +21,8 @@ def small_rgb(path: Path, side: int = 64) -> np.ndarray | None:
     try:
         with Image.open(path) as im:
             if im.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+                return None
+            if im.width * im.height > MAX_DETECT_PIXELS:
                 return None
             im.draft("RGB", (side * 2, side * 2))
             arr = np.asarray(im.convert("RGB").resize((side, side)), dtype=np.int16)

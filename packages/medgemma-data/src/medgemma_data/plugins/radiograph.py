@@ -16,7 +16,7 @@ import numpy as np
 from ..hookspecs import hookimpl
 from ..sample import ImagePart, Location, Provenance, Sample, TextPart
 from ..spec import ModalitySpec, Option, opt_bool, opt_int
-from . import IMAGE_SUFFIXES
+from . import IMAGE_SUFFIXES, MAX_DETECT_PIXELS
 
 NAME = "radiograph"
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RG", "PX", "IO", "XA", "RF", "DR"})
@@ -49,7 +49,7 @@ def _is_grayscale_image(path: Path) -> bool:
         with Image.open(path) as im:
             if im.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F", "1"):
                 return True
-            if im.mode not in ("RGB", "RGBA"):
+            if im.mode not in ("RGB", "RGBA") or im.width * im.height > MAX_DETECT_PIXELS:
                 return False
             im.draft("RGB", (128, 128))
             small = np.asarray(im.convert("RGB").resize((64, 64)), dtype=np.int16)

@@ -95,8 +95,11 @@ def _composite(region, background: tuple[int, int, int]) -> np.ndarray:  # noqa:
     """RGBA Pillow image -> ``uint8 [H, W, 3]`` over ``background`` (alpha compositing)."""
     from PIL import Image
 
+    region = region.convert("RGBA")
+    if region.getchannel("A").getextrema() == (255, 255):  # opaque: nothing to composite
+        return np.asarray(region.convert("RGB"))
     bg = Image.new("RGBA", region.size, (*background, 255))
-    return np.asarray(Image.alpha_composite(bg, region.convert("RGBA")).convert("RGB"))
+    return np.asarray(Image.alpha_composite(bg, region).convert("RGB"))
 
 
 def _read(slide, path: Path, xy: tuple[int, int], level: int, size: tuple[int, int]):  # noqa: ANN001, ANN202
