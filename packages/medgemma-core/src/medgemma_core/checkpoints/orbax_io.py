@@ -18,7 +18,7 @@ def save(model: nnx.Module, folder: str | Path, *, config: dict, kind: str) -> P
 
     folder = Path(folder).absolute()
     folder.mkdir(parents=True, exist_ok=True)
-    state = nnx.state(model, nnx.Param).to_pure_dict()
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(folder / "params", state, force=True)
     (folder / MARKER).write_text(json.dumps({"kind": kind, "config": config}, indent=1))
@@ -42,7 +42,7 @@ def restore(abstract: nnx.Module, folder: str | Path) -> nnx.Module:
 
     folder = Path(folder).absolute()
     graphdef, state = nnx.split(abstract)
-    target = state.to_pure_dict()
+    target = nnx.to_pure_dict(state)
     try:
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(folder / "params", target)

@@ -1,0 +1,124 @@
+"""Generation: sampling rules, seeds, streaming, stop handling, the ring-buffer cache, buckets."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from medgemma_core.config import Gemma3Config
+from medgemma_core.generate import Engine, bucket
+from medgemma_core.sampling import Sampling, select
+from medgemma_core.transformer import Gemma3, KVCache
+
+CFG = Gemma3Config.tiny(vocab_size=128)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model = Gemma3(CFG, rngs=nnx.Rngs(0))
+    return Engine(model, stop_ids=(1, 106), pad_id=0)
+
+
+def _draws(logits, n, *, top_k=0, top_p=1.0):
+    """n independent draws at temperature 1 from one row of logits."""
+    def one(key):
+        return select(logits[None], key, jnp.float32(1.0), jnp.float32(top_p), greedy=False,
+                      top_k=top_k, use_top_p=top_p < 1)[0]
+    return np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(0), n)))
+
+
+def test_top_k_and_top_p_supports_match_hand_computation():
+    probs = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))
+    assert set(_draws(logits, 2000, top_k=2)) == {0, 1}
+    # top_p = 0.8: 0.4 + 0.3 = 0.7 < 0.8, so the third (0.15) is kept, the rest dropped.
+    drawn = _draws(logits, 4000, top_p=0.8)
+    assert set(drawn) == {0, 1, 2}
+    freq = np.bincount(drawn, minlength=5)[:3] / len(drawn)
+    np.testing.assert_allclose(freq, probs[:3] / probs[:3].sum(), atol=0.03)
+    # unrestricted sampling follows the distribution
+    freq = np.bincount(_draws(logits, 8000), minlength=5) / 8000
+    np.testing.assert_allclose(freq, probs, atol=0.02)
+
+
+def test_greedy_is_argmax():
+    logits = jnp.asarray([[0.1, 3.0, 2.0], [5.0, 1.0, 0.0]])
+    out = select(logits, jax.random.key(0), jnp.float32(1), jnp.float32(1), greedy=True,
+                 top_k=0, use_top_p=False)
+    assert out.tolist() == [1, 0]
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    s = Sampling(temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    a = engine.generate([[2, 5, 9]], max_new_tokens=16, sampling=s, ignore_eos=True)
+    b = engine.generate([[2, 5, 9]], max_new_tokens=16, sampling=s, ignore_eos=True)
+    c = engine.generate([[2, 5, 9]], max_new_tokens=16, ignore_eos=True,
+                        sampling=Sampling(temperature=1.0, top_k=20, top_p=0.9, seed=8))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_stream_equals_generate_and_ignore_eos_counts(engine):
+    prompts = [[2, 7, 8, 9, 10], [2, 3]]
+    whole = engine.generate(prompts, max_new_tokens=20, ignore_eos=True)
+    assert [len(r) for r in whole.token_ids] == [20, 20]
+    rows = [[], []]
+    for piece in engine.stream(prompts, max_new_tokens=20, ignore_eos=True, chunk=3):
+        for r, ids in zip(rows, piece):
+            r.extend(ids)
+    assert rows == whole.token_ids
+
+
+def test_stops_on_eos_and_end_of_turn():
+    """A model whose every logit favours a stop token stops after it, per row."""
+    model = Gemma3(CFG, rngs=nnx.Rngs(1))
+    emb = np.asarray(model.embedding[...]).copy()
+    eng = Engine(model, stop_ids=(106,), pad_id=0)
+    free = eng.generate([[2, 4, 5]], max_new_tokens=12, ignore_eos=True).token_ids[0]
+    stop_at = free[3]  # declare the 4th free-running token a stop token
+    eng2 = Engine(model, stop_ids=(stop_at,), pad_id=0)
+    got = eng2.generate([[2, 4, 5]], max_new_tokens=12)
+    assert got.token_ids[0] == free[: free.index(stop_at) + 1]
+    assert got.stopped == [True]
+    assert np.array_equal(emb, np.asarray(model.embedding[...]))
+
+
+def test_local_layers_keep_a_window_sized_ring_buffer():
+    cache = KVCache.create(CFG, batch=2, max_len=4096, start=jnp.zeros(2, jnp.int32))
+    for i, (k, v) in enumerate(cache.layers):
+        want = CFG.sliding_window if CFG.is_local(i) else 4096
+        assert k.shape == v.shape == (2, want, CFG.num_kv_heads, CFG.head_dim)
+
+
+def test_decode_with_cache_equals_full_forward_past_the_window():
+    """Prefill + token-by-token decode through the ring buffer == one full forward pass."""
+    model = Gemma3(CFG, rngs=nnx.Rngs(2))
+    ids = np.random.default_rng(0).integers(3, CFG.vocab_size, size=(1, 5 * CFG.sliding_window))
+    full, _ = model(ids)
+    p = 6
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, tokens, cache):
+        return nnx.merge(graphdef, state)(tokens, cache=cache)
+
+    cache = KVCache.create(CFG, 1, ids.shape[1], jnp.zeros(1, jnp.int32))
+    logits, cache = step(state, ids[:, :p], cache)
+    steps = [logits]
+    for i in range(p, ids.shape[1]):
+        logits, cache = step(state, ids[:, i:i + 1], cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], 1),
+                               np.asarray(full), atol=2e-5, rtol=2e-5)
+
+
+def test_prompts_in_one_bucket_share_one_compile(engine):
+    engine.generate([[2, 3, 4]], max_new_tokens=8)
+    before = engine._prefill._cache_size()
+    engine.generate([[2] + list(range(3, 20))], max_new_tokens=8)
+    engine.generate([[2, 9]], max_new_tokens=5)
+    assert engine._prefill._cache_size() == before
+    assert bucket(3) == bucket(20) == 32 and bucket(33) == 64
