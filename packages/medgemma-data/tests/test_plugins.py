@@ -162,6 +162,12 @@ def test_samples_loaded_hook_can_audit_and_reject():
             md.load(pydicom_file("MR_small.dcm"))
     assert seen == [("ct", "CT_small.dcm", 1), ("mri", "MR_small.dcm", 1)]
 
+    buggy = types.ModuleType("buggy")
+    buggy.medgemma_samples_loaded = hookimpl(lambda modality, path, samples: [][1])
+    with plugins_registered(buggy):
+        with pytest.raises(md.PluginFailedError, match="buggy.*IndexError"):
+            md.load(pydicom_file("CT_small.dcm"))
+
 
 def test_a_crashing_loader_is_wrapped_with_its_distribution(tmp_path):
     crashy = types.ModuleType("crashy")

@@ -96,7 +96,16 @@ def load(path: str | os.PathLike[str], *, modality: str | None = None,
     if wrong:
         raise PluginFailedError(f"the {name!r} plugin ({info.distribution}) returned samples "
                                 f"labelled {sorted(wrong)}")
-    registry.pm.hook.medgemma_samples_loaded(modality=name, path=p, samples=list(samples))
+    try:
+        registry.pm.hook.medgemma_samples_loaded(modality=name, path=p, samples=list(samples))
+    except MedgemmaDataError:
+        raise
+    except Exception as exc:
+        who = ", ".join(f"{i.plugin_name}" for i in
+                        registry.pm.hook.medgemma_samples_loaded.get_hookimpls())
+        raise PluginFailedError(f"a medgemma_samples_loaded hook (plugins: {who}) failed on "
+                                f"{p}: {type(exc).__name__}: {exc}; this is a plugin bug, "
+                                "disable it with MEDGEMMA_DATA_DISABLE_PLUGINS") from exc
     return samples
 
 
