@@ -46,10 +46,6 @@ _HIDDEN_UNK = "\u2581<medgemma-hidden-unk>\u2581"  # unreachable with byte fallb
 _LITERAL_RUN = re.compile(SPACE + "{2,}")
 
 
-# --------------------------------------------------------------------------------------------
-# GGUF header
-# --------------------------------------------------------------------------------------------
-
 _GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                 10: "<Q", 11: "<q", 12: "<d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
@@ -119,10 +115,6 @@ def _parse_gguf_header(buf: mmap.mmap, path: Path) -> dict[str, Any]:
             out[key] = val
     return out
 
-
-# --------------------------------------------------------------------------------------------
-# SentencePiece models
-# --------------------------------------------------------------------------------------------
 
 def _proto_from_gguf(meta: Mapping[str, Any], path: Path) -> sp_pb2.ModelProto:
     """A SentencePiece BPE ModelProto with the GGUF vocabulary, scores and piece types."""
@@ -202,6 +194,19 @@ def _encoding_proto(proto: sp_pb2.ModelProto, added: Mapping[int, str], special:
     return enc
 
 
+def _read_model(path: Path) -> sp_pb2.ModelProto:
+    if not path.is_file():
+        raise FileNotFoundError(f"no SentencePiece model at {path}")
+    proto = sp_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as e:  # protobuf raises its own DecodeError
+        raise ValueError(f"{path} is not a SentencePiece model ({e})") from e
+    if not proto.pieces:
+        raise ValueError(f"{path} is not a SentencePiece model (it has no pieces)")
+    return proto
+
+
 def _processor(proto: sp_pb2.ModelProto) -> spm.SentencePieceProcessor:
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto.SerializeToString())
@@ -229,10 +234,6 @@ def _hf_added_tokens(folder: Path) -> tuple[dict[int, str], set[int]]:
                          "tokenizer_config.json / tokenizer.json") from e
     return added, special
 
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
 
 class Tokenizer:
     """Gemma 3 tokenizer over a SentencePiece model (262,144 pieces for Gemma 3).
@@ -287,22 +288,10 @@ class Tokenizer:
         self._runs = {len(p): i for i, (p, k) in enumerate(zip(pieces, kinds))
                       if k == USER_DEFINED and p and not p.strip(SPACE)} if literal_space_runs else {}
 
-    # ---- construction -----------------------------------------------------------------------
-
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
         """Load a SentencePiece ``tokenizer.model``."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no SentencePiece model at {path}")
-        try:
-            proto = sp_pb2.ModelProto()
-            proto.ParseFromString(path.read_bytes())
-        except Exception as e:  # protobuf raises its own DecodeError
-            raise ValueError(f"{path} is not a SentencePiece model ({e})") from e
-        if not proto.pieces:
-            raise ValueError(f"{path} is not a SentencePiece model (it has no pieces)")
-        return cls(proto)
+        return cls(_read_model(Path(path)))
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
@@ -320,8 +309,8 @@ class Tokenizer:
         if path.is_dir():
             if (path / "tokenizer.model").is_file():
                 added, special = _hf_added_tokens(path)
-                base = cls.from_file(path / "tokenizer.model")
-                return cls(base._proto, added_tokens=added, special_ids=special)
+                return cls(_read_model(path / "tokenizer.model"), added_tokens=added,
+                           special_ids=special)
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
                 return cls.from_gguf(ggufs[0])
@@ -343,8 +332,6 @@ class Tokenizer:
             path = path / "tokenizer.model"
         path.write_bytes(self._proto.SerializeToString())
         return path
-
-    # ---- vocabulary -------------------------------------------------------------------------
 
     @property
     def vocab_size(self) -> int:
@@ -439,7 +426,6 @@ class Tokenizer:
         except ValueError:
             return frozenset({self.eos_id})
 
-    # ---- encode -----------------------------------------------------------------------------
 
     def _encoder(self, parse_special: bool) -> spm.SentencePieceProcessor:
         if parse_special:
@@ -488,10 +474,11 @@ class Tokenizer:
             batch = [self._encode_runs(t, sp) if SPACE in t else ids for t, ids in zip(texts, batch)]
         return [[self.bos_id, *ids] for ids in batch] if add_bos else batch
 
-    # ---- decode -----------------------------------------------------------------------------
 
     def _ids(self, ids: Iterable[int]) -> list[int]:
         ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        if ids and not isinstance(ids[0], int):
+            raise ValueError("decode takes one sequence of ids [T]; decode each row of a batch")
         if ids and not (0 <= min(ids) and max(ids) < len(self._pieces)):
             bad = next(i for i in ids if not 0 <= i < len(self._pieces))
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{len(self._pieces) - 1})")
