@@ -94,6 +94,15 @@ def cross(session: nox.Session) -> None:
         session.log("no cross-package tests yet")
 
 
+@nox.session(python=PYTHON)
+def examples(session: nox.Session) -> None:
+    """The example third-party plugin, installed beside medgemma-data and tested with its kit."""
+    _install(session, ["medgemma-data"])
+    example = ROOT / "examples" / "medgemma-ultrasound"
+    session.install("-e", f"{example}[test]")
+    session.run("pytest", str(example / "tests"), *session.posargs, env=_env())
+
+
 @nox.session(python=PYTHON, default=False)
 def slow(session: nox.Session) -> None:
     """The slow tests of every package (real-size checkpoints, training runs)."""
@@ -107,7 +116,7 @@ def slow(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over every package, the benchmarks and this file."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "packages", "benchmarks", "tests", "noxfile.py")
+    session.run("ruff", "check", "packages", "examples", "benchmarks", "tests", "noxfile.py")
 
 
 @nox.session(python=PYTHON, default=False)
