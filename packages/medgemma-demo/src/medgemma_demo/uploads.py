@@ -1,0 +1,175 @@
+"""Uploaded files -> model-ready samples, through the medgemma-data plugins.
+
+An upload is a PNG/JPEG, a DICOM file, a slide, a FHIR bundle, a QA file, or a ``.zip`` of a
+series folder (CT, MRI). Zips are unpacked into a private temporary folder with limits on size,
+member count and paths (no zip bombs, no writes outside it). Every failure is an
+:class:`UploadError` with a one-line message for the page; nothing here logs file names or
+file contents (file names of medical images often carry patient identifiers).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+import medgemma_data
+from medgemma_data import ImagePart, Sample, TextPart
+
+log = logging.getLogger("medgemma_demo")
+
+MB = 1024 * 1024
+#: Unpacked size allowed per zip, as a multiple of the upload limit.
+UNZIP_FACTOR = 4
+MAX_ZIP_MEMBERS = 5000
+#: Longest side of gallery thumbnails, pixels (the model gets the full image).
+GALLERY_SIDE = 768
+
+
+class UploadError(ValueError):
+    """A bad upload: the message is one line, safe to show in the page."""
+
+
+@dataclass
+class LoadedUpload:
+    """Samples from one or more uploads, with what the page shows.
+
+    ``samples``: as returned by the plugins; ``gallery``: ``(uint8 [h, w, 3], caption)`` per
+    image, thumbnails of at most :data:`GALLERY_SIDE`; ``summary``: one markdown line per file.
+    """
+
+    samples: list[Sample] = field(default_factory=list)
+    gallery: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(s.images) for s in self.samples)
+
+
+def _safe_members(zf: zipfile.ZipFile, limit_bytes: int) -> list[zipfile.ZipInfo]:
+    members = [m for m in zf.infolist() if not m.is_dir()]
+    if len(members) > MAX_ZIP_MEMBERS:
+        raise UploadError(f"the zip holds {len(members)} files (at most {MAX_ZIP_MEMBERS}); "
+                          "zip one series at a time")
+    total = sum(m.file_size for m in members)
+    if total > limit_bytes:
+        raise UploadError(f"the zip unpacks to {total / MB:.0f} MB (at most "
+                          f"{limit_bytes / MB:.0f} MB); zip fewer slices or start the demo "
+                          "with a larger --max-upload-mb")
+    for m in members:
+        parts = PurePosixPath(m.filename.replace("\\", "/")).parts
+        if m.filename.startswith(("/", "\\")) or ".." in parts or ":" in m.filename:
+            raise UploadError("the zip contains a path outside its folder; re-create it from "
+                              "the series folder")
+    # Skip macOS metadata and hidden files; they are never images.
+    return [m for m in members
+            if not any(p.startswith((".", "__MACOSX")) for p in PurePosixPath(m.filename).parts)]
+
+
+def unpack_zip(path: Path, dest: Path, *, max_bytes: int) -> Path:
+    """Unpack ``path`` into ``dest``; the folder to load (the single top folder when there is one)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = _safe_members(zf, max_bytes * UNZIP_FACTOR)
+            if not members:
+                raise UploadError("the zip is empty; zip the folder of DICOM slices")
+            for m in members:
+                zf.extract(m, dest)
+    except zipfile.BadZipFile:
+        raise UploadError("the .zip file is damaged or not a zip; re-create it") from None
+    entries = [p for p in dest.iterdir()]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else dest
+
+
+def _display_name(path: Path) -> str:
+    return path.name if len(path.name) <= 60 else path.name[:57] + "..."
+
+
+def _clean_message(message: str, paths: Sequence[Path]) -> str:
+    """Replace full temporary paths in a plugin's message with the bare file name."""
+    for p in sorted(paths, key=lambda q: -len(str(q))):
+        message = message.replace(str(p), p.name)
+    return message.splitlines()[0] if message else "could not read the file"
+
+
+def thumbnail(image: np.ndarray, side: int = GALLERY_SIDE) -> np.ndarray:
+    """``uint8 [H, W, 3]`` -> the same image with its longer side at most ``side``."""
+    h, w = image.shape[:2]
+    if max(h, w) <= side:
+        return image
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
+def captions(sample: Sample) -> list[str]:
+    """One caption per image of ``sample``: the short text that follows it (``SLICE 3``), the
+    patch position for slides, else the modality and index. Never a file name."""
+    out: list[str] = []
+    parts = list(sample.parts)
+    locations = sample.provenance.locations
+    for i, part in enumerate(parts):
+        if not isinstance(part, ImagePart):
+            continue
+        k = len(out)
+        caption = f"{sample.modality} {k + 1}"
+        nxt = parts[i + 1] if i + 1 < len(parts) else None
+        if isinstance(nxt, TextPart) and 0 < len(nxt.text.strip()) <= 40:
+            caption = f"{sample.modality}: {nxt.text.strip()}"
+        elif k < len(locations) and locations[k].patch is not None:
+            x, y, _, _ = locations[k].patch
+            caption = f"{sample.modality} patch at ({x}, {y})"
+        out.append(caption)
+    return out
+
+
+def load_uploads(paths: Sequence[str | Path], *, max_bytes: int,
+                 modality: str | None = None) -> LoadedUpload:
+    """Run each uploaded file through the data plugins (detected modality unless given)."""
+    result = LoadedUpload()
+    for raw in paths:
+        path = Path(raw)
+        start = time.perf_counter()
+        if not path.is_file():
+            raise UploadError(f"{_display_name(path)}: the upload did not arrive; upload it again")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise UploadError(f"{_display_name(path)} is {size / MB:.0f} MB, over the "
+                              f"{max_bytes / MB:.0f} MB limit; start the demo with a larger "
+                              "--max-upload-mb")
+        workdir = Path(tempfile.mkdtemp(prefix="medgemma-demo-"))
+        try:
+            target = path
+            if path.suffix.lower() == ".zip":
+                target = unpack_zip(path, workdir, max_bytes=max_bytes)
+            try:
+                samples = medgemma_data.load(target, modality=modality)
+            except medgemma_data.MedgemmaDataError as exc:
+                raise UploadError(_clean_message(str(exc), [target, path, workdir])) from None
+            except Exception as exc:  # a reader crashed: still one line, no stack trace
+                raise UploadError(f"{_display_name(path)}: could not be read "
+                                  f"({type(exc).__name__}); is it a supported file?") from None
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        n_images = 0
+        for sample in samples:
+            for image, caption in zip(sample.images, captions(sample)):
+                result.gallery.append((thumbnail(image), caption))
+                n_images += 1
+        result.samples.extend(samples)
+        kinds = sorted({s.modality for s in samples})
+        result.summary.append(f"`{_display_name(path)}`: {', '.join(kinds)}, "
+                              f"{len(samples)} sample(s), {n_images} image(s)")
+        # Counts only: no names, no metadata values.
+        log.info("upload: %s, %d samples, %d images, %.2f s", ",".join(kinds), len(samples),
+                 n_images, time.perf_counter() - start)
+    return result

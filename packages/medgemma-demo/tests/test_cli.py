@@ -1,0 +1,34 @@
+"""The ``medgemma-demo`` command's argument checks (no server is started)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medgemma_demo", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_help_explains_the_options():
+    out = run("--help")
+    assert out.returncode == 0
+    for flag in ("--checkpoint", "--medsiglip", "--host", "--port", "--share", "--max-upload-mb"):
+        assert flag in out.stdout
+    assert "Research use only" in out.stdout
+
+
+def test_missing_checkpoint_is_one_line_with_the_fix(tmp_path):
+    out = run("--checkpoint", str(tmp_path / "nope"))
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr
+    assert "no such file or folder" in lines[0] and "embedded default" in lines[0]
+
+
+def test_missing_medsiglip_folder_and_bad_limits(tmp_path):
+    out = run("--medsiglip", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "--medsiglip" in out.stderr and "Traceback" not in out.stderr
+    out = run("--max-upload-mb", "0")
+    assert out.returncode == 2 and "--max-upload-mb" in out.stderr
