@@ -279,6 +279,16 @@ def test_hf_folder_with_added_image_token(hf_folder_reference):
         assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
 
 
+def test_pickle_round_trip(hf_folder_reference):
+    import pickle
+
+    tok = Tokenizer.from_checkpoint(hf_folder_reference[1])
+    again = pickle.loads(pickle.dumps(tok))
+    text = "<start_of_turn>user\n▁▁x  y<image_soft_token><end_of_turn>"
+    assert again.encode(text) == tok.encode(text)
+    assert again.special_ids == tok.special_ids and again.added_tokens == tok.added_tokens
+
+
 def test_from_checkpoint_dispatch(gguf_path, saved_model, tmp_path):
     assert Tokenizer.from_checkpoint(gguf_path).vocab_size == 262144
     assert Tokenizer.from_checkpoint(saved_model / "tokenizer.model").bos_id == 2

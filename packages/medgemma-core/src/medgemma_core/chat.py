@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
-    "BOI", "EOI", "IMAGE_TOKEN", "THINK_END", "THINK_START",
+    "BOI", "BOS", "END_OF_TURN", "EOI", "IMAGE_TOKEN", "START_OF_TURN", "THINK_END", "THINK_START",
     "expand_image_tokens", "format_chat", "split_thinking",
 ]
 

@@ -285,8 +285,13 @@ class Tokenizer:
         self._byte += [-1] * len(added)
         self._text = [p.replace(SPACE, " ") for p in self._pieces]
         self._lookup: dict[str, int] | None = None
+        self._literal_space_runs = literal_space_runs
         self._runs = {len(p): i for i, (p, k) in enumerate(zip(pieces, kinds))
                       if k == USER_DEFINED and p and not p.strip(SPACE)} if literal_space_runs else {}
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:  # picklable, e.g. for data loaders
+        return _restore, (self._proto.SerializeToString(), self._added, sorted(self._special),
+                          self._literal_space_runs)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -511,6 +516,10 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def _restore(model: bytes, added: dict[int, str], special: list[int], literal: bool) -> Tokenizer:
+    return Tokenizer(model, added_tokens=added, special_ids=special, literal_space_runs=literal)
 
 
 def _bytes_text(run: bytearray) -> str:
