@@ -25,6 +25,32 @@ def linear(d_in: int, d_out: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linea
     return nnx.Linear(d_in, d_out, use_bias=True, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """One head: ``[S, H] x [T, H] x [T, H] -> [S, H]``, scale ``H ** -0.5``, softmax in f32."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.T
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return probs @ v
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Unmasked attention ``[B, S, N, H] x [B, T, N, H] x [B, T, N, H] -> [B, S, N, H]``.
+
+    On accelerators this is ``jax.nn.dot_product_attention`` (XLA or cuDNN fused kernels).
+    On the CPU, XLA's batched matmuls over ``[B, N]`` are poorly threaded and the full
+    ``[B, N, S, T]`` score tensor does not stay in cache, so heads are processed one at a time
+    (``lax.map``): about 3x faster there for 1024 tokens.
+    """
+    if jax.default_backend() != "cpu" or q.shape[1] == 1:
+        return jax.nn.dot_product_attention(q, k, v)
+    b, s, n, h = q.shape
+
+    def heads(x: jax.Array) -> jax.Array:  # [B, T, N, H] -> [B * N, T, H]
+        return x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h)
+
+    out = jax.lax.map(lambda qkv: _softmax_attention(*qkv), (heads(q), heads(k), heads(v)))
+    return out.reshape(b, n, s, h).transpose(0, 2, 1, 3)
+
+
 class MLP(nnx.Module):
     """``fc2(gelu(fc1(x)))``: ``[..., D] -> [..., D]`` through ``[..., intermediate]``."""
 
@@ -62,7 +88,7 @@ class Attention(nnx.Module):
         q = self._heads(self.q_proj(x))
         k = self._heads(self.k_proj(kv))
         v = self._heads(self.v_proj(kv))
-        out = jax.nn.dot_product_attention(q, k, v)  # [B, S, N, H], scale H**-0.5
+        out = dot_product_attention(q, k, v)  # [B, S, N, H], scale H**-0.5
         b, s, n, h = out.shape
         return self.out_proj(out.reshape(b, s, n * h))
 
