@@ -89,3 +89,11 @@ def test_bad_inputs(tmp_path):
         preprocess(tmp_path / "x.png", 4)
     with pytest.raises(FileNotFoundError):
         preprocess(tmp_path / "absent.png", 4)
+
+
+def test_pil_bilinear_matches_gemma3_processor():
+    proc = transformers.Gemma3ImageProcessorPil(size={"height": 40, "width": 40})
+    arr = np.random.default_rng(3).integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    want = proc(img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    np.testing.assert_allclose(preprocess(img, 40, resample="pil_bilinear")[0], want, atol=1e-6)

@@ -16,6 +16,8 @@ Accepted arrays: ``[H, W]``, ``[H, W, 1|2|3|4]`` of uint8 (0..255), uint16 (0..6
 * ``"bilinear"``: bilinear at half-pixel centres without antialiasing, i.e.
   ``tf.image.resize(method="bilinear", antialias=False)`` used by Google's MedSigLIP model card
   (and ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``).
+* ``"pil_bilinear"``: PIL bilinear (antialiased when shrinking), which reproduces
+  transformers' ``Gemma3ImageProcessor`` (PIL backend), MedGemma's processor in HF.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-Resample = Literal["bicubic", "bilinear"]
+Resample = Literal["bicubic", "bilinear", "pil_bilinear"]
+_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "pil_bilinear": Image.Resampling.BILINEAR}
 ImageLike = str | Path | Image.Image | np.ndarray
 
 
@@ -113,14 +116,14 @@ def _pad_square(arr: np.ndarray) -> np.ndarray:
     return np.pad(arr, ((top, side - h - top), (left, side - w - left), (0, 0)))
 
 
-def _resize_bicubic(arr: np.ndarray, size: int) -> np.ndarray:
-    """PIL bicubic (antialiased when shrinking). uint8 stays uint8 (rounded), as HF does."""
+def _resize_pil(arr: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
+    """PIL resize (antialiased when shrinking). uint8 stays uint8 (rounded), as HF does."""
     if arr.dtype == np.uint8:
-        out = Image.fromarray(arr, "RGB").resize((size, size), Image.Resampling.BICUBIC)
+        out = Image.fromarray(arr, "RGB").resize((size, size), resample)
         return np.asarray(out).astype(np.float32) / 255.0
     x = arr.astype(np.float32) / _max_value(arr.dtype)
     chans = [
-        np.asarray(Image.fromarray(x[..., i], "F").resize((size, size), Image.Resampling.BICUBIC))
+        np.asarray(Image.fromarray(x[..., i], "F").resize((size, size), resample))
         for i in range(3)
     ]
     return np.stack(chans, axis=-1)
@@ -144,12 +147,12 @@ def preprocess_one(image: ImageLike, size: int = 448, *, resample: Resample = "b
     arr = _to_rgb(arr)
     if pad_to_square:
         arr = _pad_square(arr)
-    if resample == "bicubic":
-        x = _resize_bicubic(arr, size)
+    if resample in _PIL_FILTERS:
+        x = _resize_pil(arr, size, _PIL_FILTERS[resample])
     elif resample == "bilinear":
         x = _resize_bilinear(arr, size)
     else:
-        raise ValueError(f"resample={resample!r}: use 'bicubic' or 'bilinear'")
+        raise ValueError(f"resample={resample!r}: use 'bicubic', 'bilinear' or 'pil_bilinear'")
     return (x - 0.5) / 0.5
 
 
