@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -65,9 +68,35 @@ def load_decoder(path: str | Path, *, dtype="float32") -> Gemma3:
         cfg = Gemma3Config.from_hf_dict(meta["config"])
         abstract = nnx.eval_shape(lambda: Gemma3(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
         return orbax_io.restore(abstract, path)
+    cached = _conversion_cache(path, dtype)
+    if cached is not None and orbax_io.is_orbax(cached):
+        try:
+            return load_decoder(cached, dtype=dtype)
+        except CheckpointError:
+            shutil.rmtree(cached, ignore_errors=True)  # stale or partial: convert again
     src, cfg, prefix = text_source(path)
     abstract = nnx.eval_shape(lambda: Gemma3(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    return fill(abstract, src, text_specs(cfg), prefix, dtype, describe=os.fspath(path))
+    model = fill(abstract, src, text_specs(cfg), prefix, dtype, describe=os.fspath(path))
+    if cached is not None:
+        try:
+            save_decoder(model, cached)
+        except Exception as exc:  # a full disk must not stop the load
+            shutil.rmtree(cached, ignore_errors=True)
+            warnings.warn(f"could not cache the converted weights in {cached}: {exc}",
+                          stacklevel=2)
+    return model
+
+
+def _conversion_cache(path: Path, dtype) -> Path | None:
+    """Where the dequantized weights of a GGUF file are kept (Orbax), so that the next load
+    skips dequantization. ``MEDGEMMA_CONVERT_CACHE=0`` turns this off; ``=DIR`` moves it."""
+    setting = os.environ.get("MEDGEMMA_CONVERT_CACHE", "")
+    if setting == "0" or not path.is_file() or path.suffix.lower() != ".gguf":
+        return None
+    root = Path(setting) if setting else Path.home() / ".cache" / "medgemma" / "converted"
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{jnp.dtype(dtype).name}|1"
+    return root / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
 
 def save_decoder(model: Gemma3, folder: str | Path) -> Path:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import Gemma3Config, _pattern
 from .build import CheckpointError
+from .gguf_index import GGUFIndex
 
 _LAYER = {
     "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
@@ -40,12 +41,10 @@ class GGUFSource:
     """Tensors of a gemma3 GGUF file under Hugging Face names."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
         try:
-            self.reader = gguf.GGUFReader(str(self.path))
-        except Exception as exc:
+            self.index = GGUFIndex(self.path)
+        except (OSError, ValueError) as exc:
             raise CheckpointError(
                 f"{self.path}: not a readable GGUF file ({exc}); it is truncated or corrupt, "
                 f"re-download it") from None
@@ -54,32 +53,30 @@ class GGUFSource:
             raise CheckpointError(
                 f"{self.path}: GGUF architecture is {arch!r}, not 'gemma3'; pass a Gemma 3 GGUF")
         self._tensors = {}
-        for t in self.reader.tensors:
-            name = _hf_name(t.name)
+        for info in self.index.tensors.values():
+            name = _hf_name(info.name)
             if name is not None:
-                self._tensors[name] = t
+                self._tensors[name] = info
 
     def field(self, key: str, default: Any = None) -> Any:
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
+        return self.index.metadata.get(key, default)
 
     def names(self) -> list[str]:
         return list(self._tensors)
 
     def where(self, name: str) -> str:
-        t = self._tensors.get(name)
-        return f"{self.path} [{t.name}]" if t is not None else str(self.path)
+        info = self._tensors.get(name)
+        return f"{self.path} [{info.name}]" if info is not None else str(self.path)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        # GGUF lists dimensions innermost first; numpy order is the reverse ([out, in]).
-        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+        return self._tensors[name].shape  # numpy order: [out, in]
 
     def get(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
 
-        t = self._tensors[name]
-        arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        arr = arr.reshape(self.shape(name))
+        info = self._tensors[name]
+        arr = np.asarray(dequantize(self.index.raw(info), info.qtype), dtype=np.float32)
+        arr = arr.reshape(info.shape)
         if name.endswith("norm.weight"):
             arr = arr - 1.0
         return arr

