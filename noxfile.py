@@ -56,6 +56,9 @@ def _env() -> dict[str, str]:
         "JAX_PLATFORMS": "cpu",
         "MEDGEMMA_FIXTURES": str(ROOT.parent / "shared" / "fixtures"),
         "PYTHONHASHSEED": "0",
+        # caches kept beside the venvs: reruns skip GGUF dequantization and XLA compiles
+        "MEDGEMMA_CONVERT_CACHE": str(ROOT / ".nox" / "_cache" / "converted"),
+        "MEDGEMMA_JAX_CACHE": str(ROOT / ".nox" / "_cache" / "jax"),
     }
 
 
