@@ -64,3 +64,11 @@ def hf_folder_reference(gemma_tokenizer, tmp_path_factory):
     ref.save_pretrained(str(folder))
     shutil.copy(spm_dir / "tokenizer.model", folder / "tokenizer.model")
     return ref, folder
+
+
+@pytest.fixture(scope="session")
+def hf_folder_tokenizer(hf_folder_reference):
+    """Our tokenizer of that Hugging Face folder."""
+    from medgemma_core.tokenizer import Tokenizer
+
+    return Tokenizer.from_checkpoint(hf_folder_reference[1])

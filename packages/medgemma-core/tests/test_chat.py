@@ -136,23 +136,21 @@ def test_alternation_error_names_the_rule():
         format_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
-def test_expand_image_tokens_matches_gemma3_processor(hf_folder_reference):
+def test_expand_image_tokens_matches_gemma3_processor(hf_folder_reference, hf_folder_tokenizer):
     """Our chat string, image expansion and tokenizer == transformers' Gemma3Processor."""
     np = pytest.importorskip("numpy")
     image = pytest.importorskip("PIL.Image")  # the processor's image half needs Pillow
     from transformers import Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    from medgemma_core.tokenizer import Tokenizer
-
-    ref_tok, folder = hf_folder_reference
+    ref_tok, _ = hf_folder_reference
     processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(), tokenizer=ref_tok,
                                 image_seq_length=256)
     prompt = format_chat(CONVERSATIONS["images"])
     pixels = image.fromarray(np.zeros((32, 32, 3), np.uint8))
     ref = processor(text=prompt, images=[pixels] * 3, add_special_tokens=False)["input_ids"][0]
     expanded = expand_image_tokens(prompt, 256)
-    ours = Tokenizer.from_checkpoint(folder).encode(expanded)
+    ours = hf_folder_tokenizer.encode(expanded)
     assert ours == list(ref)
     assert ours.count(262144) == 3 * 256 and ours.count(255999) == ours.count(256000) == 3
 

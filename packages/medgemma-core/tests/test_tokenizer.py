@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -253,20 +254,21 @@ def test_saved_model_reloads_identically(gemma_tokenizer, saved_model, fixtures_
     assert sp.is_control(105) and not sp.is_control(107)
 
 
-def test_transformers_reads_the_saved_model_the_same(hf_folder_reference, fixtures_dir):
+def test_transformers_reads_the_saved_model_the_same(hf_folder_reference, hf_folder_tokenizer,
+                                                     fixtures_dir):
     """An independent path: transformers converts the tokenizer.model itself. Its tokenizer.json
     also matches ``▁▁`` pieces written literally in the text, which from_file follows."""
-    ref, folder = hf_folder_reference
-    ours = Tokenizer.from_checkpoint(folder)  # tokenizer.model + the added <image_soft_token>
+    ref, _ = hf_folder_reference
+    ours = hf_folder_tokenizer  # tokenizer.model + the added <image_soft_token>
     texts = _qa_corpus(fixtures_dir)[::3] + UNICODE + WHITESPACE + CHAT_TEXT + _fuzz(500, seed=1)
     assert sum("▁▁" in t for t in texts) > 20
     _assert_same_ids(ours, ref, texts)
     assert ours.encode_batch(texts) == ref(texts, add_special_tokens=False)["input_ids"]
 
 
-def test_hf_folder_with_added_image_token(hf_folder_reference):
-    ref, folder = hf_folder_reference
-    tok = Tokenizer.from_checkpoint(folder)
+def test_hf_folder_with_added_image_token(hf_folder_reference, hf_folder_tokenizer):
+    ref, _ = hf_folder_reference
+    tok = hf_folder_tokenizer
     assert tok.vocab_size == len(ref) == 262145
     assert tok.image_token_id == ref.image_token_id == 262144
     assert tok.added_tokens == {262144: "<image_soft_token>"}
@@ -279,10 +281,26 @@ def test_hf_folder_with_added_image_token(hf_folder_reference):
         assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
 
 
-def test_pickle_round_trip(hf_folder_reference):
+def test_hf_folder_of_older_transformers(hf_folder_reference, hf_folder_tokenizer, tmp_path):
+    """Checkpoints saved by transformers 4.x list the added tokens in tokenizer_config.json."""
+    ref, folder = hf_folder_reference
+    shutil.copy(folder / "tokenizer.model", tmp_path / "tokenizer.model")
+    decoder = {str(i): {"content": t.content, "lstrip": False, "normalized": False,
+                        "rstrip": False, "single_word": False, "special": t.special}
+               for i, t in ref.added_tokens_decoder.items()}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
+    tok = Tokenizer.from_checkpoint(tmp_path)
+    assert tok.added_tokens == hf_folder_tokenizer.added_tokens == {262144: "<image_soft_token>"}
+    assert tok.special_ids == hf_folder_tokenizer.special_ids
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read its added tokens"):
+        Tokenizer.from_checkpoint(tmp_path)
+
+
+def test_pickle_round_trip(hf_folder_tokenizer):
     import pickle
 
-    tok = Tokenizer.from_checkpoint(hf_folder_reference[1])
+    tok = hf_folder_tokenizer
     again = pickle.loads(pickle.dumps(tok))
     text = "<start_of_turn>user\n▁▁x  y<image_soft_token><end_of_turn>"
     assert again.encode(text) == tok.encode(text)
