@@ -122,3 +122,18 @@ def test_prompts_in_one_bucket_share_one_compile(engine):
     engine.generate([[2, 9]], max_new_tokens=5)
     assert engine._prefill._cache_size() == before
     assert bucket(3) == bucket(20) == 32 and bucket(33) == 64
+
+
+def test_query_blocked_attention_equals_unblocked(monkeypatch):
+    """Long prompts attend in query blocks (no T x T scores); the result is unchanged."""
+    from medgemma_core import attention
+
+    model = Gemma3(CFG, rngs=nnx.Rngs(3))
+    ids = np.random.default_rng(1).integers(3, CFG.vocab_size, size=(2, 64))
+    start = np.array([0, 9])
+    image_id = np.zeros((2, 64), np.int32)
+    image_id[:, 20:30] = 1  # a bidirectional block across a query-block boundary (16)
+    whole, _ = model(ids, start=start, image_id=image_id)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
+    blocked, _ = model(ids, start=start, image_id=image_id)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=1e-5, rtol=1e-5)

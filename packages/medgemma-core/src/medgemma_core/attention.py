@@ -22,6 +22,7 @@ from flax import nnx
 from .layers import RMSNorm, apply_rope
 
 NEG_INF = -2.3819763e38  # finite "minus infinity": fully-masked (padding) rows stay NaN-free
+QUERY_BLOCK = 512  # long prefills attend this many queries at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +109,8 @@ class Attention(nnx.Module):
                 k_img = jnp.concatenate([pad, k_img], axis=1)
             else:
                 k_img = None
-        mask = make_mask(inp.q_index, kidx, inp.start, self.window,
-                         inp.image_id if k_img is not None else None, k_img)
-        out = self._attend(q, keys, values, mask)
+        q_img = inp.image_id if k_img is not None else None
+        out = self._attend(q, keys, values, inp.q_index, kidx, inp.start, q_img, k_img)
         return jnp.einsum("bthk,hkd->btd", out, self.o[...]), new_cache
 
     def _ring(self, cache, k, v, qidx, ring_index, t):
@@ -134,7 +134,30 @@ class Attention(nnx.Module):
         nv = cv.at[:, slots].set(v[:, t - m:])
         return keys, values, kidx, (nk, nv)
 
-    def _attend(self, q, k, v, mask):
+    def _attend(self, q, k, v, qidx, kidx, start, q_img, k_img):
+        """q [B, T, H, Hd], k/v [B, S, K, Hd] -> [B, T, H, Hd].
+
+        Long query runs are processed QUERY_BLOCK queries at a time (``lax.map``), so a long
+        prefill never holds a T x S score matrix, only QUERY_BLOCK x S per step.
+        """
+        t = q.shape[1]
+        if t <= QUERY_BLOCK or t % QUERY_BLOCK:
+            mask = make_mask(qidx, kidx, start, self.window, q_img, k_img)
+            return self._attend_block(q, k, v, mask)
+        n = t // QUERY_BLOCK
+        b, _, h, hd = q.shape
+        blocks = (q.reshape(b, n, QUERY_BLOCK, h, hd).swapaxes(0, 1),
+                  qidx.reshape(n, QUERY_BLOCK),
+                  None if q_img is None else q_img.reshape(b, n, QUERY_BLOCK).swapaxes(0, 1))
+
+        def one(block):
+            qb, qi, qm = block
+            return self._attend_block(qb, k, v, make_mask(qi, kidx, start, self.window, qm, k_img))
+
+        out = jax.lax.map(one, blocks)
+        return out.swapaxes(0, 1).reshape(b, t, h, hd)
+
+    def _attend_block(self, q, k, v, mask):
         """q [B, T, H, Hd], k/v [B, S, K, Hd], mask [B, T, S] -> [B, T, H, Hd]."""
         b, t, h, hd = q.shape
         kh = k.shape[2]
