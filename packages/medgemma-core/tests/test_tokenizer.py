@@ -147,8 +147,12 @@ def test_special_tokens_in_text_are_single_ids(gemma_tokenizer):
 
 
 def test_long_document_matches_reference(gemma_tokenizer, reference_tokenizer, fixtures_dir):
-    doc = "\n\n".join(_qa_corpus(fixtures_dir)) * 3
-    assert gemma_tokenizer.encode(doc) == reference_tokenizer.encode(doc, add_special_tokens=False)
+    texts = _qa_corpus(fixtures_dir)
+    docs = ["\n\n".join(texts) * 3, " ".join(texts),  # one long line
+            "\n".join(_fuzz(400, seed=2)), "\n\n\n".join(UNICODE + WHITESPACE) * 20]
+    for doc in docs:
+        assert len(doc) > 20_000
+        assert gemma_tokenizer.encode(doc) == reference_tokenizer.encode(doc, add_special_tokens=False)
 
 
 def test_add_bos_and_batch_match_reference(gemma_tokenizer, reference_tokenizer, fixtures_dir):

@@ -44,6 +44,8 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (
 SPACE = "\u2581"  # SentencePiece's visible space
 _HIDDEN_UNK = "\u2581<medgemma-hidden-unk>\u2581"  # unreachable with byte fallback on
 _LITERAL_RUN = re.compile(SPACE + "{2,}")
+_NEWLINES = re.compile("\n+")
+_CHUNK = 1000  # characters: long texts are encoded in pieces cut after runs of newlines
 
 
 _GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -300,6 +302,10 @@ class Tokenizer:
         self._byte += [-1] * len(added)
         self._text = [p.replace(SPACE, " ") for p in self._pieces]
         self._lookup: dict[str, int] | None = None
+        # "\n" matched whole (user-defined): BPE never merges across it, so a text may be cut
+        # after a run of newlines and its pieces encoded apart (much faster on long documents)
+        self._cut_at_newlines = any(p == "\n" and k in (USER_DEFINED, CONTROL)
+                                    for p, k in zip(pieces[:1000], kinds))
         self._literal_space_runs = literal_space_runs
         self._runs = {len(p): i for i, (p, k) in enumerate(zip(pieces, kinds))
                       if k == USER_DEFINED and p and not p.strip(SPACE)} if literal_space_runs else {}
@@ -464,7 +470,12 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}; use encode_batch for lists")
         sp = self._encoder(parse_special)
-        ids = self._encode_runs(text, sp) if self._runs and SPACE in text else sp.EncodeAsIds(text)
+        if self._runs and SPACE in text:
+            ids = self._encode_runs(text, sp)
+        elif self._cut_at_newlines and len(text) > 2 * _CHUNK:
+            ids = [i for part in sp.Encode(_cut(text), out_type=int) for i in part]
+        else:
+            ids = sp.EncodeAsIds(text)
         return [self.bos_id, *ids] if add_bos else ids
 
     def _encode_runs(self, text: str, sp: spm.SentencePieceProcessor) -> list[int]:
@@ -531,6 +542,19 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def _cut(text: str) -> list[str]:
+    """``text`` in pieces of about `_CHUNK` characters, each cut right after a run of newlines."""
+    parts, start = [], 0
+    while len(text) - start > _CHUNK:
+        match = _NEWLINES.search(text, start + _CHUNK)
+        if match is None or match.end() == len(text):
+            break
+        parts.append(text[start:match.end()])
+        start = match.end()
+    parts.append(text[start:])
+    return parts
 
 
 def _restore(model: bytes, added: dict[int, str], special: list[int], literal: bool) -> Tokenizer:
