@@ -12,6 +12,7 @@ The narrow interface for MedGemma's image path (see README.md):
 from medsiglip.api import MedSigLIP
 from medsiglip.checkpoints.convert import (
     VISION_PREFIXES,
+    abstract_module,
     find_vision_prefix,
     load_siglip_from_tensors,
     load_text_tower_from_tensors,
@@ -45,6 +46,7 @@ __all__ = [
     "SiglipVisionConfig",
     "TextTower",
     "VisionTower",
+    "abstract_module",
     "canonicalize",
     "chunked_sigmoid_loss",
     "find_vision_prefix",

@@ -46,6 +46,25 @@ _PROBE = "embeddings.patch_embedding.weight"
 POSITION_NAME = "embeddings.position_embedding.weight"
 
 
+class _ConstantRngs:
+    """Stands in for ``nnx.Rngs`` when only shapes are wanted: hands out one fixed key.
+
+    Under ``nnx.eval_shape`` every ``nnx.Rngs`` draw updates a counter variable with a tracer,
+    which costs ~20 ms per draw in flax 0.12 (about a minute for the two so400m towers);
+    initial values are thrown away here, so a constant key is enough.
+    """
+
+    def params(self) -> jax.Array:
+        return jax.random.key(0)
+
+    __call__ = params
+
+
+def abstract_module(build: Callable[[Any], M]) -> M:
+    """``build(rngs)``'s module with ``jax.ShapeDtypeStruct`` leaves, no memory, no init."""
+    return nnx.eval_shape(lambda: build(_ConstantRngs()))
+
+
 def _same(x: np.ndarray) -> np.ndarray:
     return x
 
@@ -247,7 +266,7 @@ def load_vision_tower_from_tensors(
     plan = vision_plan(config, prefix)
     plan = [(path, name, _position_fix(config, name, resize_positions) if
              path == ("embeddings", "position_embedding") else fn) for path, name, fn in plan]
-    abstract = nnx.eval_shape(lambda: VisionTower(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda r: VisionTower(config, dtype=dtype, rngs=r))
     return fill(abstract, plan, tensors, names, dtype=dtype)
 
 
@@ -257,7 +276,7 @@ def load_text_tower_from_tensors(config: SiglipTextConfig, tensors: TensorSource
                                  prefix: str = "text_model.") -> TextTower:
     """Build a :class:`TextTower` from HF ``SiglipModel`` tensors (``text_model.*``)."""
     names = list(tensors.keys() if names is None and isinstance(tensors, Mapping) else names or [])
-    abstract = nnx.eval_shape(lambda: TextTower(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda r: TextTower(config, dtype=dtype, rngs=r))
     return fill(abstract, text_plan(config, prefix), tensors, names, dtype=dtype)
 
 
@@ -278,12 +297,12 @@ def load_siglip_from_tensors(config: SiglipConfig, tensors: TensorSource,
         plan.append((("vision",) + path, name, fn))
     plan += [(("text",) + path, name, fn) for path, name, fn in text_plan(config.text)]
     plan += [(("logit_scale",), "logit_scale", _same), (("logit_bias",), "logit_bias", _same)]
-    abstract = nnx.eval_shape(lambda: SiglipModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda r: SiglipModel(config, dtype=dtype, rngs=r))
     return fill(abstract, plan, tensors, names, dtype=dtype)
 
 
-def param_count(module_fn: Callable[[], nnx.Module]) -> int:
-    """Parameters of the module ``module_fn()`` builds, counted with no memory (eval_shape)."""
-    abstract = nnx.eval_shape(module_fn)
+def param_count(build: Callable[[Any], nnx.Module]) -> int:
+    """Parameters of the module ``build(rngs)`` makes, counted with no memory (eval_shape)."""
+    abstract = abstract_module(build)
     state = nnx.state(abstract, nnx.Param)
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from medsiglip.checkpoints.convert import abstract_module
 from medsiglip.checkpoints.hf import CheckpointError
 from medsiglip.config import SiglipConfig, SiglipVisionConfig
 from medsiglip.model import SiglipModel
@@ -61,10 +62,10 @@ def restore_checkpoint(directory: str | Path) -> SiglipModel | VisionTower:
     saved = jnp.dtype(meta["dtype"])
     if meta["kind"] == "siglip":
         config = SiglipConfig.from_hf_dict(meta["config"])
-        abstract = nnx.eval_shape(lambda: SiglipModel(config, dtype=saved, rngs=nnx.Rngs(0)))
+        abstract = abstract_module(lambda r: SiglipModel(config, dtype=saved, rngs=r))
     elif meta["kind"] == "vision":
         vconfig = SiglipVisionConfig.from_hf_dict(meta["config"])
-        abstract = nnx.eval_shape(lambda: VisionTower(vconfig, dtype=saved, rngs=nnx.Rngs(0)))
+        abstract = abstract_module(lambda r: VisionTower(vconfig, dtype=saved, rngs=r))
     else:
         raise CheckpointError(f"{directory}: unknown kind {meta['kind']!r} in {META}")
     graphdef, abstract_state = nnx.split(abstract)
