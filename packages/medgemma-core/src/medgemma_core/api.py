@@ -87,6 +87,8 @@ class MedGemma:
                     raise ValueError(
                         f"{self.name or 'this model'} is text-only; load a MedGemma image-text "
                         f"checkpoint (e.g. medgemma-4b-it) to ask about images")
+        if self.is_multimodal:  # each image expanded to its soft tokens
+            return list(self.multimodal.processor(messages).input_ids)
         return self.tokenizer.encode(format_chat(messages), add_bos=False)
 
     # ---- generation ------------------------------------------------------------------------
@@ -94,14 +96,8 @@ class MedGemma:
                      sampling: Sampling = Sampling(), ignore_eos: bool = False) -> list[Completion]:
         result = self.engine.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                       ignore_eos=ignore_eos)
-        out = []
-        for ids, n, stopped in zip(result.token_ids, result.prompt_tokens, result.stopped):
-            text = self.tokenizer.decode([i for i in ids if i not in self.engine.stop_ids]
-                                         if stopped else ids)
-            thought, answer = split_thinking(text)
-            out.append(Completion(answer if thought is not None else text, ids, n, stopped,
-                                  thought))
-        return out
+        return [self._completion(ids, n, stopped) for ids, n, stopped
+                in zip(result.token_ids, result.prompt_tokens, result.stopped)]
 
     def generate(self, prompt: str | Sequence[str], *, chat: bool = False,
                  system: str | None = None, max_new_tokens: int = 256,
@@ -138,19 +134,63 @@ class MedGemma:
 
     def chat_stream(self, messages: Sequence[dict], *, max_new_tokens: int = 256,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    seed: int = 0, chunk: int = 4) -> Iterator[str]:
-        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                    seed: int = 0, chunk: int = 4, sampling: Sampling | None = None,
+                    ignore_eos: bool = False) -> Iterator[str]:
+        """Text pieces of the answer to chat messages; content items may be images
+        (``{"type": "image", "image": path | PIL image | array}``) on image-text models."""
+        if sampling is None:
+            sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if self.is_multimodal:
+            kw = {"ignore_eos": True} if ignore_eos else {}
             yield from self.multimodal.chat_stream(self, messages, max_new_tokens=max_new_tokens,
-                                                   sampling=sampling, chunk=chunk)
+                                                   sampling=sampling, chunk=chunk, **kw)
             return
         yield from self.stream_ids(self.encode_chat(messages), max_new_tokens=max_new_tokens,
-                                   sampling=sampling, chunk=chunk)
+                                   sampling=sampling, chunk=chunk, ignore_eos=ignore_eos)
+
+    def chat_completion(self, messages: Sequence[dict], *, max_new_tokens: int = 256,
+                        sampling: Sampling = Sampling(), ignore_eos: bool = False) -> Completion:
+        """The answer to chat messages (with images on image-text models) as a
+        :class:`Completion` (text, generated ids, prompt length, thought)."""
+        if not self.is_multimodal:
+            return self.generate_ids([self.encode_chat(messages)], max_new_tokens=max_new_tokens,
+                                     sampling=sampling, ignore_eos=ignore_eos)[0]
+        ids, n, stopped = self.multimodal.generate(self, messages, max_new_tokens=max_new_tokens,
+                                                   sampling=sampling, ignore_eos=ignore_eos)
+        return self._completion(ids, n, stopped)
+
+    def _completion(self, ids: list[int], n: int, stopped: bool) -> Completion:
+        text = self.tokenizer.decode([i for i in ids if i not in self.engine.stop_ids]
+                                     if stopped else ids)
+        thought, answer = split_thinking(text)
+        return Completion(answer if thought is not None else text, ids, n, stopped, thought)
 
 
-def load(checkpoint: str | Path | None = None, *, dtype: str = "float32") -> MedGemma:
-    """Load a Hugging Face folder, a GGUF file or an Orbax folder (None: the embedded default)."""
+def load(checkpoint: str | Path | None = None, *, dtype: str = "float32",
+         image_batch: int = 4) -> MedGemma:
+    """Load a Hugging Face folder, a GGUF file or an Orbax folder (None: the embedded default).
+
+    Image-text checkpoints (Gemma3ForConditionalGeneration folders such as medgemma-4b-it, or
+    Orbax folders saved by ``checkpoints.multimodal.save_multimodal``) load the vision tower and
+    projector too; ``image_batch`` images are encoded per call.
+    """
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    from .checkpoints.multimodal import is_multimodal
+
+    if is_multimodal(path):
+        from .checkpoints.multimodal import load_multimodal
+        from .multimodal import ImageTextGenerator
+        from .processor import Processor
+
+        model = load_multimodal(path, dtype=dtype)
+        tokenizer = Tokenizer.from_checkpoint(path)
+        processor = Processor.from_checkpoint(
+            path, tokenizer, image_size=model.config.vision.image_size,
+            mm_tokens_per_image=model.config.mm_tokens_per_image)
+        engine = Engine(model.decoder, stop_ids=sorted(tokenizer.stop_ids),
+                        pad_id=tokenizer.pad_id)
+        generator = ImageTextGenerator(model, processor, image_batch=image_batch)
+        return MedGemma(engine, tokenizer, name=path.name, multimodal=generator)
     decoder = load_decoder(path, dtype=dtype)
     tokenizer = Tokenizer.from_checkpoint(path)
     engine = Engine(decoder, stop_ids=sorted(tokenizer.stop_ids), pad_id=tokenizer.pad_id)

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 EPILOG = """\
 examples:
@@ -73,13 +74,8 @@ def _generate(args) -> int:
     load_s = time.perf_counter() - t0
     sampling = _sampling(args)
     if args.image:
-        content = [{"type": "text", "text": args.prompt}]
-        content += [{"type": "image", "image": path} for path in args.image]
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": content})
-        ids = model.encode_chat(messages)
-    else:
-        ids = model.encode_prompt(args.prompt, chat=args.chat, system=args.system)
+        return _generate_with_images(args, model, load_s, sampling)
+    ids = model.encode_prompt(args.prompt, chat=args.chat, system=args.system)
     t1 = time.perf_counter()
     if args.json:
         done = model.generate_ids([ids], max_new_tokens=args.max_new_tokens,
@@ -92,6 +88,36 @@ def _generate(args) -> int:
         return 0
     for piece in model.stream_ids(ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                   ignore_eos=args.ignore_eos):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _generate_with_images(args, model, load_s: float, sampling) -> int:
+    """The prompt text first, then the images, in one user turn of the chat template."""
+    if not model.is_multimodal:
+        raise ValueError(f"{model.name or 'this checkpoint'} is text-only; --image needs an "
+                         f"image-text checkpoint (e.g. medgemma-4b-it)")
+    for path in args.image:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--image {path}: no such file")
+    content = [{"type": "text", "text": args.prompt}]
+    content += [{"type": "image", "image": path} for path in args.image]
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": content})
+    t1 = time.perf_counter()
+    if args.json:
+        done = model.chat_completion(messages, max_new_tokens=args.max_new_tokens,
+                                     sampling=sampling, ignore_eos=args.ignore_eos)
+        result = done.to_json()
+        result.update(load_seconds=round(load_s, 3),
+                      generate_seconds=round(time.perf_counter() - t1, 3),
+                      checkpoint=model.name, images=len(args.image))
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    for piece in model.chat_stream(messages, max_new_tokens=args.max_new_tokens,
+                                   sampling=sampling, ignore_eos=args.ignore_eos):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
