@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from hf_helpers import save_tiny_causal_lm
+
 from medgemma_core.checkpoints import load_decoder
 from medgemma_core.config import Gemma3Config
 

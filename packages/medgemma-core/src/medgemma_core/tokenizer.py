@@ -26,9 +26,7 @@ loaded (the model written by `save` is the faithful one):
 from __future__ import annotations
 
 import json
-import mmap
 import re
-import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,74 +46,23 @@ _NEWLINES = re.compile("\n+")
 _CHUNK = 1000  # characters: long texts are encoded in pieces cut after runs of newlines
 
 
-_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
 def read_gguf_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
     """The ``general.architecture`` and every ``tokenizer.*`` key of a GGUF file's metadata.
 
     Arrays come back as Python lists (``tokenizer.ggml.tokens``: list[str] of length V,
-    ``scores``: list[float], ``token_type``: list[int]). Only the header is read. (The ``gguf``
-    package's reader builds one numpy view per vocabulary string, about 15 s for Gemma's 262,144;
-    this walk takes a fraction of a second.)
+    ``scores``: list[float], ``token_type``: list[int]). Only the header is read, by
+    :class:`~medgemma_core.checkpoints.gguf_index.GGUFIndex` (the ``gguf`` package's reader
+    builds one numpy view per vocabulary string, about 15 s for Gemma's 262,144).
     """
+    from .checkpoints.gguf_index import GGUFIndex
+
     path = Path(path)
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse_gguf_header(buf, path)
-    except (struct.error, IndexError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: truncated or corrupt GGUF header ({e}); re-download the file") from e
+        meta = GGUFIndex(path, keep_arrays=("tokenizer.",)).metadata
     except ValueError as e:
-        if "empty file" in str(e):
-            raise ValueError(f"{path}: empty file, not a GGUF file") from e
-        raise
-
-
-def _parse_gguf_header(buf: mmap.mmap, path: Path) -> dict[str, Any]:
-    if buf[:4] != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file (no GGUF magic bytes)")
-    version, _, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version & 0xFFFF == 0:
-        raise ValueError(f"{path} is a big-endian GGUF file; convert it to little-endian")
-    if version not in (2, 3):
-        raise ValueError(f"{path} is GGUF version {version}; versions 2 and 3 are supported")
-    pos, out = 24, {}
-
-    def string(at: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", buf, at)
-        return buf[at + 8: at + 8 + n].decode("utf-8"), at + 8 + n
-
-    def value(kind: int, at: int, keep: bool) -> tuple[Any, int]:
-        if kind in _GGUF_SCALAR:
-            fmt = _GGUF_SCALAR[kind]
-            return struct.unpack_from(fmt, buf, at)[0], at + struct.calcsize(fmt)
-        if kind == _GGUF_STRING:
-            return string(at)
-        if kind != _GGUF_ARRAY:
-            raise ValueError(f"{path}: unknown GGUF metadata type {kind}")
-        item, count = struct.unpack_from("<IQ", buf, at)
-        at += 12
-        if item in _GGUF_SCALAR:
-            fmt = _GGUF_SCALAR[item]
-            size = struct.calcsize(fmt) * count
-            items = list(struct.unpack_from(f"<{count}{fmt[1]}", buf, at)) if keep else None
-            return items, at + size
-        items = []
-        for _ in range(count):
-            v, at = value(item, at, keep)
-            items.append(v)
-        return (items if keep else None), at
-
-    for _ in range(n_kv):
-        key, pos = string(pos)
-        (kind,) = struct.unpack_from("<I", buf, pos)
-        keep = key.startswith("tokenizer.") or key == "general.architecture"
-        val, pos = value(kind, pos + 4, keep)
-        if keep:
-            out[key] = val
-    return out
+        raise ValueError(f"{path}: {e}; re-download the file") from None
+    return {k: v for k, v in meta.items()
+            if k.startswith("tokenizer.") or k == "general.architecture"}
 
 
 def _proto_from_gguf(meta: Mapping[str, Any], path: Path) -> sp_pb2.ModelProto:

@@ -35,11 +35,18 @@ class TensorInfo:
 
 
 class GGUFIndex:
-    """Scalar metadata (arrays skipped) and the tensor table of a GGUF file, memory-mapped."""
+    """Metadata and the tensor table of a GGUF file, memory-mapped.
 
-    def __init__(self, path: str | Path):
+    Array values are read (as lists) only for keys starting with one of ``keep_arrays``
+    (e.g. ``("tokenizer.",)``), otherwise skipped.
+    """
+
+    def __init__(self, path: str | Path, *, keep_arrays: tuple[str, ...] = ()):
         self.path = Path(path)
+        self._keep = keep_arrays
         with open(self.path, "rb") as f:
+            if not f.read(4):
+                raise ValueError("empty file, not a GGUF file")
             self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self._parse()
@@ -49,8 +56,10 @@ class GGUFIndex:
     def _parse(self) -> None:
         buf = self._buf
         if buf[:4] != b"GGUF":
-            raise ValueError("no GGUF magic bytes")
+            raise ValueError("not a GGUF file (no GGUF magic bytes)")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version & 0xFFFF == 0:
+            raise ValueError("a big-endian GGUF file; convert it to little-endian")
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version}; versions 2 and 3 are supported")
         pos = 24
@@ -58,7 +67,8 @@ class GGUFIndex:
         for _ in range(n_kv):
             key, pos = self._string(pos)
             (kind,) = struct.unpack_from("<I", buf, pos)
-            value, pos = self._value(kind, pos + 4)
+            value, pos = self._value(kind, pos + 4, key.startswith(self._keep) if self._keep
+                                     else False)
             if value is not None:
                 self.metadata[key] = value
         infos = []
@@ -77,7 +87,7 @@ class GGUFIndex:
         (n,) = struct.unpack_from("<Q", self._buf, at)
         return self._buf[at + 8: at + 8 + n].decode("utf-8"), at + 8 + n
 
-    def _value(self, kind: int, at: int) -> tuple[Any, int]:
+    def _value(self, kind: int, at: int, keep: bool = False) -> tuple[Any, int]:
         if kind in _SCALAR:
             fmt = _SCALAR[kind]
             return struct.unpack_from(fmt, self._buf, at)[0], at + struct.calcsize(fmt)
@@ -88,10 +98,15 @@ class GGUFIndex:
         item, count = struct.unpack_from("<IQ", self._buf, at)
         at += 12
         if item in _SCALAR:
-            return None, at + struct.calcsize(_SCALAR[item]) * count
-        for _ in range(count):  # arrays of strings (or nested arrays): skip them
-            _, at = self._value(item, at)
-        return None, at
+            fmt = _SCALAR[item]
+            size = struct.calcsize(fmt) * count
+            items = list(struct.unpack_from(f"<{count}{fmt[1]}", self._buf, at)) if keep else None
+            return items, at + size
+        items = []
+        for _ in range(count):  # arrays of strings (or nested arrays)
+            value, at = self._value(item, at, keep)
+            items.append(value)
+        return (items if keep else None), at
 
     def raw(self, info: TensorInfo) -> np.ndarray:
         """The stored bytes of a tensor, shaped as ``gguf.quants.dequantize`` expects."""
