@@ -125,9 +125,16 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON, default=False)
 def demo(session: nox.Session) -> None:
     """Set up and launch the demo (the README's first command); it prints the local URL."""
-    folder = _packages()["medgemma-demo"]
-    siblings = [a for dep in _local_deps("medgemma-demo") for a in ("-e", str(_packages()[dep]))]
-    session.install(*siblings, "-e", str(folder))  # one pip call; no torch needed here
+    import hashlib
+
+    dists = [*_local_deps("medgemma-demo"), "medgemma-demo"]
+    # Editable installs follow code edits; reinstall only when a pyproject.toml changed.
+    key = hashlib.sha256(b"".join((_packages()[d] / "pyproject.toml").read_bytes()
+                                  for d in dists)).hexdigest()
+    stamp = Path(session.virtualenv.location) / ".medgemma-demo-installed"
+    if not (stamp.is_file() and stamp.read_text() == key):
+        session.install(*[a for d in dists for a in ("-e", str(_packages()[d]))])
+        stamp.write_text(key)
     session.run("medgemma-demo", *session.posargs, env=_env())
 
 
