@@ -220,3 +220,17 @@ def test_second_turn_sends_the_history():
     assert [m["role"] for m in model.calls[-1]] == ["system", "user", "assistant", "user"]
     assert model.calls[-1][1]["content"] == "first" and model.calls[-1][3]["content"] == "second"
     assert display[-1]["content"] == "seen 4 messages and 0 images "
+
+
+def test_a_second_question_waits_for_the_first_answer():
+    import gradio as gr
+
+    service = ChatService(Loader.ready(RecordingModel(multimodal=False)))
+    request = _Request()
+    _, display, _, q = service.submit("one", [], [], request)
+    with pytest.raises(gr.Error, match="still coming"):
+        service.submit("two", display, [], request)
+    list(service.respond(q, display, [], [], "", 8, 0.0, request))
+    assert service.submit("two", display, [], request)[3] == "two"
+    with pytest.raises(gr.Error, match="type a question"):
+        ChatService(Loader.ready(RecordingModel(multimodal=False))).submit(" ", [], [], request)

@@ -87,7 +87,7 @@ def _first_image(service: ChatService, file: str | None) -> np.ndarray:
 
 def _chat_tab(service: ChatService, config: DemoConfig) -> None:
     display = gr.State([])   # what the chat shows (role, markdown)
-    history = gr.State([])   # what the model is sent on the next turn (text-only turns)
+    history = gr.State([])   # the model's past turns (images included), sent each turn
     pending = gr.State([])   # samples attached for the next question
     question = gr.State("")
     with gr.Row():
@@ -140,6 +140,7 @@ def _chat_tab(service: ChatService, config: DemoConfig) -> None:
     for trigger in (send.click, text.submit):
         trigger(**submit_args).success(**respond_args)
     stop.click(service.request_stop, None, None, queue=False, api_visibility="private")
+
     def reset():
         return [], [], [], [], "", None, "", []
 
@@ -214,7 +215,8 @@ def build_app(config: DemoConfig = DemoConfig(), *, loader: Loader[ChatModel] | 
         siglip.start()
     service = ChatService(loader, max_upload_mb=config.max_upload_mb)
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+    # Uploaded files (and gallery images) older than an hour leave Gradio's cache, hourly.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(f"# {TITLE}")
         gr.Markdown(NOTICE, elem_id="notice")
         if config.checkpoint is None and loader is not None:

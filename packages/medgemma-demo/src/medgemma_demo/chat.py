@@ -45,6 +45,7 @@ class ChatService:
         self.loader = loader
         self.max_bytes = int(max_upload_mb * MB)
         self._stops: dict[str, threading.Event] = {}
+        self._busy: set[str] = set()
         self._lock = threading.Lock()
 
     # ---- status --------------------------------------------------------------------------
@@ -106,10 +107,16 @@ class ChatService:
         """Move the typed question into the chat (fast; the answer streams in ``respond``).
 
         Returns (cleared text box, chat, chat state, the question for ``respond``)."""
-        self._flag(_session(request)).clear()
+        session = _session(request)
         text = (text or "").strip()
         if not text and not pending:
             raise gr.Error("type a question (or attach a file) first", print_exception=False)
+        with self._lock:
+            if session in self._busy:
+                raise gr.Error("an answer is still coming; wait for it or press Stop",
+                               print_exception=False)
+            self._busy.add(session)
+        self._flag(session).clear()
         shown = text or "(attached file)"
         n_images = sum(len(s.images) for s in pending)
         if pending:
@@ -122,6 +129,16 @@ class ChatService:
                 system: str, max_new_tokens: float, temperature: float,
                 request: gr.Request) -> Iterator[tuple[list[dict], list[dict], list[dict], list, Any]]:
         """Stream the answer: yields (chat, chat state, history, pending samples, file box)."""
+        try:
+            yield from self._respond(question, display, history, pending, system,
+                                     max_new_tokens, temperature, request)
+        finally:
+            with self._lock:
+                self._busy.discard(_session(request))
+
+    def _respond(self, question: str, display: list[dict], history: list[dict], pending: list,
+                 system: str, max_new_tokens: float, temperature: float,
+                 request: gr.Request) -> Iterator[tuple[list[dict], list[dict], list[dict], list, Any]]:
         stop = self._flag(_session(request))
         max_new_tokens = min(max(int(max_new_tokens), 1), MAX_NEW_TOKENS)
         display = [*display, {"role": "assistant", "content": ""}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +49,10 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.checkpoint and not Path(args.checkpoint).exists():
@@ -67,6 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Third-party loggers stay at WARNING: request logs can carry upload file names.
     for noisy in ("httpx", "uvicorn.access", "jax", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    # Ctrl+C and `kill` stop the server cleanly, even when started in the background (where
+    # the shell may have set SIGINT to be ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
 
     from .app import DemoConfig, build_app, launch_kwargs
 
