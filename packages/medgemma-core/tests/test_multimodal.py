@@ -267,3 +267,36 @@ def test_projector_pools_row_major():
     normed = pooled / np.sqrt(np.mean(pooled**2, axis=-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(out2[:, :dv], normed, atol=1e-5)
     assert np.all(out2[:, dv:] == 0)
+
+
+def test_cli_image_prompt_first_then_images(tiny_mm, tmp_path, capsys):
+    from medgemma_core import load
+    from medgemma_core.cli import main
+    from medgemma_core.sampling import Sampling
+
+    folder = tiny_mm[0]
+    files = []
+    for i, arr in enumerate(random_images(9, [(80, 60), (60, 90)])):
+        files.append(tmp_path / f"img{i}.png")
+        from PIL import Image
+
+        Image.fromarray(arr).save(files[-1])
+    argv = ["generate", "--checkpoint", str(folder), "--prompt", "Compare these.",
+            "--max-new-tokens", "5", "--ignore-eos", "--json"]
+    for f in files:
+        argv += ["--image", str(f)]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = load(folder)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Compare these."},
+                                             {"type": "image", "image": files[0]},
+                                             {"type": "image", "image": files[1]}]}]
+    want = model.chat_completion(messages, max_new_tokens=5, sampling=Sampling(),
+                                 ignore_eos=True)
+    assert result["token_ids"] == want.token_ids and len(want.token_ids) == 5
+    assert result["prompt_tokens"] == want.prompt_tokens == len(
+        model.multimodal.processor(messages).input_ids)
+    assert result["text"] == want.text and result["images"] == 2
+    assert main(argv[:-2] + ["--image", str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.png" in err[0] and "no such file" in err[0]
