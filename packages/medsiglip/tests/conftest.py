@@ -92,3 +92,13 @@ def pixels(batch: int, size: int, seed: int = 0) -> np.ndarray:
 
 def nchw(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def jit_call(module, method: str = "__call__", *args):
+    """``getattr(module, method)(*args)`` compiled once (eager flax runs op by op: slow)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(module)
+    fn = jax.jit(lambda s, *a: getattr(nnx.merge(graphdef, s), method)(*a))
+    return fn(state, *args)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import nchw, pixels
+from conftest import jit_call, nchw, pixels
 
 import medsiglip
 from medsiglip import chunked_sigmoid_loss, sigmoid_loss
@@ -45,13 +45,13 @@ def test_matches_transformers_return_loss(hf_siglip_dir, hf_siglip):
     ids = np.random.default_rng(0).integers(0, 90, (4, 16))
     with torch.no_grad():
         ref = hf_siglip(input_ids=torch.from_numpy(ids), pixel_values=nchw(x), return_loss=True)
-    out = model(x, ids)
+    out = jit_call(model, "__call__", x, ids)
     got = sigmoid_loss(out.image_embeds, out.text_embeds, model.logit_scale[...][0],
                        model.logit_bias[...][0])
     assert float(got) == pytest.approx(float(ref.loss), rel=1e-4)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 8, 16])
+@pytest.mark.parametrize("chunk", [1, 4, 16])
 def test_chunked_equals_unchunked_with_gradients(chunk):
     img, txt = _embeds(16, 8, 1)
     args = (jnp.asarray(img), jnp.asarray(txt), jnp.asarray(1.7), jnp.asarray(-3.0))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY, nchw, pixels, vision_hf_model
+from conftest import TINY, jit_call, nchw, pixels, vision_hf_model
 from safetensors.torch import save_file
 
 import medsiglip
@@ -24,7 +24,7 @@ def test_siglip_model_embeddings_logits_probs(hf_siglip_dir, hf_siglip):
     x = pixels(3, TINY.vision.image_size)
     with torch.no_grad():
         ref = hf_siglip(input_ids=ids, pixel_values=nchw(x))
-    out = model(x, ids.numpy())
+    out = jit_call(model, "__call__", x, ids.numpy())
     np.testing.assert_allclose(out.image_embeds, ref.image_embeds.numpy(), atol=1e-4)
     np.testing.assert_allclose(out.text_embeds, ref.text_embeds.numpy(), atol=1e-4)
     np.testing.assert_allclose(out.logits_per_image, ref.logits_per_image.numpy(), atol=1e-4)
@@ -34,7 +34,7 @@ def test_siglip_model_embeddings_logits_probs(hf_siglip_dir, hf_siglip):
     # The MAP head's pooled output and the text pooler (unnormalized) as well.
     with torch.no_grad():
         img_ref = hf_siglip.get_image_features(pixel_values=nchw(x)).pooler_output.numpy()
-    np.testing.assert_allclose(model.image_features(x), img_ref, atol=1e-4)
+    np.testing.assert_allclose(jit_call(model, "image_features", x), img_ref, atol=1e-4)
 
 
 def test_api_matches_transformers(hf_siglip_dir, hf_siglip):
@@ -61,11 +61,11 @@ def test_vision_model_parity(tmp_path, use_head):
     x = pixels(2, cfg.image_size, seed=1)
     with torch.no_grad():
         ref = hf(pixel_values=nchw(x))
-    tokens = tower(x)
+    tokens = jit_call(tower, "__call__", x)
     assert tokens.shape == (2, cfg.num_patches, cfg.hidden_size)
     np.testing.assert_allclose(tokens, ref.last_hidden_state.numpy(), atol=1e-4)
     if use_head:
-        np.testing.assert_allclose(tower.pool(tokens), ref.pooler_output.numpy(), atol=1e-4)
+        np.testing.assert_allclose(jit_call(tower, "pool", tokens), ref.pooler_output.numpy(), atol=1e-4)
     else:
         with pytest.raises(ValueError, match="no MAP head"):
             tower.pooled(x)
@@ -90,7 +90,7 @@ def test_every_prefix_from_tensors(prefix):
     x = pixels(1, cfg.image_size, seed=2)
     with torch.no_grad():
         ref = hf(pixel_values=nchw(x)).last_hidden_state.numpy()
-    np.testing.assert_allclose(tower(x), ref, atol=1e-4)
+    np.testing.assert_allclose(jit_call(tower, "__call__", x), ref, atol=1e-4)
 
 
 def test_gemma3_checkpoint_vision_tower(tmp_path):
@@ -111,7 +111,7 @@ def test_gemma3_checkpoint_vision_tower(tmp_path):
     x = pixels(2, 32, seed=7)
     with torch.no_grad():
         ref = hf.model.vision_tower(pixel_values=nchw(x)).last_hidden_state.numpy()
-    np.testing.assert_allclose(tower(x), ref, atol=1e-4)
+    np.testing.assert_allclose(jit_call(tower, "__call__", x), ref, atol=1e-4)
 
 
 def test_missing_and_mismatched_tensors_are_named():
@@ -147,7 +147,7 @@ def test_position_grid_mismatch_and_resize(tmp_path):
                                            align_corners=False, antialias=True)
     want = want.permute(0, 2, 3, 1).reshape(64, -1).numpy()
     np.testing.assert_allclose(tower.embeddings.position_embedding[...], want, atol=1e-5)
-    assert tower(pixels(1, 64)).shape == (1, 64, cfg.hidden_size)
+    assert jit_call(tower, "__call__", pixels(1, 64)).shape == (1, 64, cfg.hidden_size)
     # The HF-folder form: image_size= resamples.
     hf.save_pretrained(tmp_path)
     tower2 = medsiglip.load_vision_tower(tmp_path, image_size=64)
@@ -171,5 +171,5 @@ def test_bfloat16_load_close_to_float32(tmp_path):
     x = pixels(1, 32)
     with torch.no_grad():
         ref = hf.float()(pixel_values=nchw(x)).pooler_output.numpy()
-    np.testing.assert_allclose(t32.pooled(x), ref, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(t16.pooled(x), np.float32), ref, atol=0.15)
+    np.testing.assert_allclose(jit_call(t32, "pooled", x), ref, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(jit_call(t16, "pooled", x), np.float32), ref, atol=0.15)
