@@ -37,6 +37,9 @@ def test_png_file_and_batch(tmp_path, hf_processor):
     got = preprocess([tmp_path / "a.png", str(tmp_path / "a.png")], 48)
     assert got.shape == (2, 48, 48, 3)
     np.testing.assert_allclose(got[1], _ref(hf_processor, Image.fromarray(arr)), atol=1e-6)
+    stacked = preprocess(np.stack([arr, arr[::-1]]), 48)  # a [B, H, W, C] array is a batch
+    assert stacked.shape == (2, 48, 48, 3)
+    np.testing.assert_allclose(stacked[0], got[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("size", [20, 96])

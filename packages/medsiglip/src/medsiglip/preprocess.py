@@ -166,9 +166,10 @@ def preprocess(images: ImageLike | Sequence[ImageLike], size: int = 448, *,
     """
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
+    # One image: a path, a PIL image or a [H, W] / [H, W, C] array; a [B, H, W, C] array or a
+    # list is a batch.
     single = isinstance(images, (str, Path, Image.Image)) or (
         isinstance(images, np.ndarray) and images.ndim in (2, 3)
-        and not (images.ndim == 3 and images.dtype == object)
     )
     batch = [images] if single else list(images)
     if not batch:

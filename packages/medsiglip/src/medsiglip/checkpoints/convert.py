@@ -275,7 +275,11 @@ def load_text_tower_from_tensors(config: SiglipTextConfig, tensors: TensorSource
                                  dtype: jnp.dtype = jnp.float32,
                                  prefix: str = "text_model.") -> TextTower:
     """Build a :class:`TextTower` from HF ``SiglipModel`` tensors (``text_model.*``)."""
-    names = list(tensors.keys() if names is None and isinstance(tensors, Mapping) else names or [])
+    if names is None:
+        if not isinstance(tensors, Mapping):
+            raise TypeError("pass names= when tensors is a callable")
+        names = tensors.keys()
+    names = list(names)
     abstract = abstract_module(lambda r: TextTower(config, dtype=dtype, rngs=r))
     return fill(abstract, text_plan(config, prefix), tensors, names, dtype=dtype)
 
