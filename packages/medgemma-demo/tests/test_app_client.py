@@ -105,6 +105,7 @@ def test_bad_upload_is_an_error_message_not_a_trace(client, tmp_path):
         client.predict("Describe.", handle_file(str(bad)), "", 16, 0.0, api_name="/chat")
     message = str(info.value)
     assert "scan.dcm" in message and "Traceback" not in message and "\n" not in message
+    assert "Read as" in message  # the fix, in the page's words
 
 
 def test_upload_over_the_limit_is_refused(client, tmp_path):
@@ -172,5 +173,14 @@ def test_page_shows_the_notice_and_api_lists_chat(client):
     assert "Research use only" in html and "Not for clinical decisions" in html
     api = client.view_api(return_format="dict", print_info=False)
     params = [p["parameter_name"] for p in api["named_endpoints"]["/chat"]["parameters"]]
-    assert params[:2] == ["message", "file"]
+    assert params == ["message", "file", "system", "max_new_tokens", "temperature", "modality"]
+
+
+def test_chat_reads_the_file_as_the_given_modality(client, model, tmp_path):
+    png = solid_image(tmp_path / "skin.png", (200, 120, 100))
+    client.predict("What is this?", handle_file(str(png)), "", 16, 0.0, "derm", api_name="/chat")
+    assert model.calls[-1][-1]["content"][1]["image"].shape == (48, 64, 3)
+    with pytest.raises(AppError, match="skin.png is not a DICOM.*'Read as' modality"):
+        client.predict("What is this?", handle_file(str(png)), "", 16, 0.0, "ct",
+                       api_name="/chat")
 

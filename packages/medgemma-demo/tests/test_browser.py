@@ -162,6 +162,25 @@ def test_plugins_and_medsiglip_tabs(server, page):
     print(f"\nscreenshot: {path}")
 
 
+def test_bad_upload_shows_an_error_in_the_page(server, page, tmp_path):
+    page.get_by_role("tab", name="Chat").click()
+    page.click("#clear-btn")
+    bad = tmp_path / "broken_scan.dcm"
+    bad.write_bytes(b"this is not a DICOM file" * 20)
+    page.set_input_files("#upload input[type=file]", str(bad))
+    page.wait_for_selector('[data-testid="toast-text"]')  # a warning toast...
+    toast = page.inner_text('[data-testid="toast-text"]')
+    page.wait_for_function("document.querySelector('#upload-status').innerText.length > 0")
+    status = page.inner_text("#upload-status")  # ...and the reason under the upload box
+    for message in (toast, status):
+        assert "broken_scan.dcm" in message and "Read as" in message
+        assert "Traceback" not in message and 'File "' not in message
+    assert page.locator("#gallery img").count() == 0
+    path = screenshot_dir() / "demo-error.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"\nscreenshot: {path}")
+
+
 def _fetch_image(page, src: str) -> np.ndarray:
     from PIL import Image
 

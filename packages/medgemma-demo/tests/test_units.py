@@ -234,3 +234,28 @@ def test_a_second_question_waits_for_the_first_answer():
     assert service.submit("two", display, [], request)[3] == "two"
     with pytest.raises(gr.Error, match="type a question"):
         ChatService(Loader.ready(RecordingModel(multimodal=False))).submit(" ", [], [], request)
+
+
+def test_a_qa_file_gives_its_first_question_as_text():
+    import json
+
+    from conftest import fixtures_dir
+
+    path = fixtures_dir() / "qa" / "medqa_sampled_50.jsonl"
+    first = json.loads(path.read_text().splitlines()[0])
+    loaded = load_uploads([path], max_bytes=10 * MB, max_samples=1)
+    assert len(loaded.samples) == 1 and "first 1 of 50 samples" in loaded.summary[0]
+    turn = user_turn("Answer with a letter.", loaded.samples, multimodal=False)
+    assert turn.content.startswith("Answer with a letter.\n\n")
+    assert first["question"][:40] in turn.content
+    for option in first["options"].values():
+        assert option in turn.content
+
+
+def test_a_bad_upload_empties_the_gallery_and_says_why(tmp_path):
+    bad = tmp_path / "scan.dcm"
+    bad.write_bytes(b"no dicom here" * 10)
+    service = ChatService(Loader.ready(RecordingModel(multimodal=True)))
+    gallery, status, pending = service.upload([str(bad)])
+    assert gallery == [] and pending == []
+    assert status.startswith("**Could not read the upload:** scan.dcm")

@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from .chat import MAX_NEW_TOKENS, ChatService
+from .chat import AUTO, MAX_NEW_TOKENS, ChatService
 from .host import ChatModel, Loader, one_line
 from .plugins import plugin_table, problems_markdown
 from .presets import PRESETS, preset
@@ -114,6 +114,9 @@ def _chat_tab(service: ChatService, config: DemoConfig) -> None:
             expects = gr.Markdown()
             files = gr.File(label="Upload: PNG/JPEG, DICOM, zipped CT/MRI series, slide, "
                                   "FHIR JSON", file_count="multiple", elem_id="upload")
+            read_as = gr.Dropdown([AUTO, *plugin_table()["modality"]], value=AUTO,
+                                  label="Read as", elem_id="read-as",
+                                  info="auto: the data plugins detect the modality")
             upload_status = gr.Markdown(elem_id="upload-status")
             gallery = gr.Gallery(label="What the model sees", columns=3, height=360,
                                  elem_id="gallery", format="png", interactive=False)
@@ -125,8 +128,10 @@ def _chat_tab(service: ChatService, config: DemoConfig) -> None:
         return p.system, p.prompt, f"Attach: {p.expects}."
 
     task.change(on_preset, task, [system, text, expects], queue=False, api_visibility="private")
-    files.upload(service.upload, files, [gallery, upload_status, pending],
+    files.upload(service.upload, [files, read_as], [gallery, upload_status, pending],
                  concurrency_id="uploads", concurrency_limit=2, api_visibility="private")
+    read_as.change(service.upload, [files, read_as], [gallery, upload_status, pending],
+                   concurrency_id="uploads", concurrency_limit=2, api_visibility="private")
     files.clear(lambda: ([], "", []), None, [gallery, upload_status, pending], queue=False,
                 api_visibility="private")
 
@@ -194,12 +199,13 @@ def _api(service: ChatService, config: DemoConfig) -> None:
         system = gr.Textbox(label="system_prompt", value="")
         max_new = gr.Number(label="max_new_tokens", value=config.max_new_tokens, precision=0)
         temperature = gr.Number(label="temperature", value=0.0)
+        modality = gr.Textbox(label="modality", value=AUTO)
         answer = gr.Textbox(label="answer")
         button = gr.Button("chat")
-    button.click(service.api_chat, [message, file, system, max_new, temperature], answer,
+    button.click(service.api_chat, [message, file, system, max_new, temperature, modality], answer,
                  api_name="chat", concurrency_id="model", concurrency_limit=1,
                  api_description="A message (and optionally one file, read by the data "
-                                 "plugins) -> the whole answer.")
+                                 "plugins; modality 'auto' detects it) -> the whole answer.")
 
 
 def build_app(config: DemoConfig = DemoConfig(), *, loader: Loader[ChatModel] | None = None,

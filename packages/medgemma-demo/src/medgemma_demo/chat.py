@@ -27,6 +27,8 @@ log = logging.getLogger("medgemma_demo")
 LOAD_WAIT_S = 1800.0
 #: Upper bound of the max-new-tokens setting.
 MAX_NEW_TOKENS = 2048
+#: The "Read as" choice that lets the data plugins detect the modality.
+AUTO = "auto"
 
 
 def text_only_note(name: str) -> str:
@@ -38,7 +40,8 @@ def text_only_note(name: str) -> str:
 class ChatService:
     """Event handlers over one model :class:`~medgemma_demo.host.Loader`.
 
-    ``max_upload_mb``: largest upload (a zip may unpack to 4x this).
+    ``max_upload_mb``: largest upload (a zip may unpack to 4x this). One sample per file goes
+    into a question (the first question of a QA file, the first series of a folder).
     """
 
     def __init__(self, loader: Loader[ChatModel], *, max_upload_mb: int = 1024):
@@ -83,18 +86,28 @@ class ChatService:
         self._flag(_session(request)).set()
 
     # ---- uploads --------------------------------------------------------------------------
-    def load_files(self, files: Sequence[str] | str | None) -> LoadedUpload:
+    def load_files(self, files: Sequence[str] | str | None,
+                   modality: str | None = None) -> LoadedUpload:
+        """Files -> samples; ``modality`` ``None`` or ``"auto"`` lets the plugins detect it."""
         if not files:
             return LoadedUpload()
         paths = [files] if isinstance(files, str) else list(files)
+        modality = None if not modality or modality == AUTO else modality
         try:
-            return load_uploads(paths, max_bytes=self.max_bytes)
+            return load_uploads(paths, max_bytes=self.max_bytes, max_samples=1,
+                                modality=modality)
         except UploadError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
-    def upload(self, files: Sequence[str] | None) -> tuple[list, str, list]:
-        """Files -> (gallery items, status markdown, pending samples)."""
-        loaded = self.load_files(files)
+    def upload(self, files: Sequence[str] | None,
+               modality: str | None = None) -> tuple[list, str, list]:
+        """Files -> (gallery items, status markdown, pending samples). A bad file gives an
+        empty gallery, the reason under the upload box and a warning toast."""
+        try:
+            loaded = self.load_files(files, modality)
+        except gr.Error as exc:
+            gr.Warning(exc.message)
+            return [], f"**Could not read the upload:** {exc.message}", []
         lines = list(loaded.summary)
         model = self.loader.value
         if loaded.num_images and model is not None and not model.is_multimodal:
@@ -188,9 +201,10 @@ class ChatService:
         yield display, display, history, [], None
 
     def api_chat(self, message: str, file: str | None, system: str = "",
-                 max_new_tokens: float = 128, temperature: float = 0.0) -> str:
-        """One question (and optionally one file) -> the whole answer."""
-        loaded = self.load_files(file)
+                 max_new_tokens: float = 128, temperature: float = 0.0,
+                 modality: str = AUTO) -> str:
+        """One question (and optionally one file, read as ``modality``) -> the whole answer."""
+        loaded = self.load_files(file, modality)
         max_new_tokens = min(max(int(max_new_tokens), 1), MAX_NEW_TOKENS)
         model = self._model()
         turn = user_turn(message or "", loaded.samples, multimodal=model.is_multimodal)

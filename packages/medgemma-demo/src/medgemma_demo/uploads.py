@@ -95,9 +95,11 @@ def _display_name(path: Path) -> str:
 
 
 def _clean_message(message: str, paths: Sequence[Path]) -> str:
-    """Replace full temporary paths in a plugin's message with the bare file name."""
+    """A plugin's message for the page: bare file names, the page's words for options."""
     for p in sorted(paths, key=lambda q: -len(str(q))):
         message = message.replace(str(p), p.name)
+    # the plugins speak of the command line; in the page the choice is the "Read as" box
+    message = message.replace("--modality", "'Read as' modality")
     return message.splitlines()[0] if message else "could not read the file"
 
 
@@ -132,9 +134,13 @@ def captions(sample: Sample) -> list[str]:
     return out
 
 
-def load_uploads(paths: Sequence[str | Path], *, max_bytes: int,
-                 modality: str | None = None) -> LoadedUpload:
-    """Run each uploaded file through the data plugins (detected modality unless given)."""
+def load_uploads(paths: Sequence[str | Path], *, max_bytes: int, modality: str | None = None,
+                 max_samples: int | None = None) -> LoadedUpload:
+    """Run each uploaded file through the data plugins (detected modality unless given).
+
+    ``max_samples``: keep at most this many samples per file (a QA file holds many questions,
+    a folder several series); the summary says how many were left out.
+    """
     result = LoadedUpload()
     for raw in paths:
         path = Path(raw)
@@ -153,6 +159,10 @@ def load_uploads(paths: Sequence[str | Path], *, max_bytes: int,
                 target = unpack_zip(path, workdir, max_bytes=max_bytes)
             try:
                 samples = medgemma_data.load(target, modality=modality)
+            except medgemma_data.DetectionError:
+                raise UploadError(f"{_display_name(path)}: no data plugin recognises this file; "
+                                  "choose its modality under 'Read as', or install a plugin "
+                                  "that reads it (see the Plugins tab)") from None
             except medgemma_data.MedgemmaDataError as exc:
                 raise UploadError(_clean_message(str(exc), [target, path, workdir])) from None
             except Exception as exc:  # a reader crashed: still one line, no stack trace
@@ -160,6 +170,9 @@ def load_uploads(paths: Sequence[str | Path], *, max_bytes: int,
                                   f"({type(exc).__name__}); is it a supported file?") from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+        found = len(samples)
+        if max_samples is not None:
+            samples = samples[:max_samples]
         n_images = 0
         for sample in samples:
             for image, caption in zip(sample.images, captions(sample)):
@@ -167,8 +180,10 @@ def load_uploads(paths: Sequence[str | Path], *, max_bytes: int,
                 n_images += 1
         result.samples.extend(samples)
         kinds = sorted({s.modality for s in samples})
-        result.summary.append(f"`{_display_name(path)}`: {', '.join(kinds)}, "
-                              f"{len(samples)} sample(s), {n_images} image(s)")
+        kept = f"first {len(samples)} of {found} samples" if found > len(samples) else \
+            f"{found} sample(s)"
+        result.summary.append(f"`{_display_name(path)}`: {', '.join(kinds)}, {kept}, "
+                              f"{n_images} image(s)")
         # Counts only: no names, no metadata values.
         log.info("upload: %s, %d samples, %d images, %.2f s", ",".join(kinds), len(samples),
                  n_images, time.perf_counter() - start)
