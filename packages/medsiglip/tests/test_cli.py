@@ -107,3 +107,22 @@ def test_console_script_without_traceback(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "medsiglip.cli", "--help"],
                                capture_output=True, text=True, timeout=300).stdout
     assert "zero-shot" in help_text and "probe" in help_text
+
+
+def test_resample_follows_preprocessor_config(hf_siglip_dir, hf_siglip, image_file, tmp_path,
+                                              capsys):
+    import shutil
+
+    folder = tmp_path / "ck"
+    shutil.copytree(hf_siglip_dir, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "SiglipImageProcessor", "resample": 2,
+         "size": {"height": 32, "width": 32}}))
+    assert main(["embed", "--checkpoint", str(folder), "--image", str(image_file),
+                 "--json"]) == 0
+    emb = np.asarray(_last_json(capsys.readouterr().out)["embedding"])
+    proc = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}, resample=2)
+    pix = proc(Image.open(image_file), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = hf_siglip.get_image_features(pixel_values=pix).pooler_output[0]
+    np.testing.assert_allclose(emb, (ref / ref.norm()).numpy(), atol=1e-4)

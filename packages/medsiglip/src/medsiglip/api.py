@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,17 @@ def _compile(model: nnx.Module, fn: Callable[..., jax.Array]) -> Callable[..., j
     return lambda *args: run(state, *args)
 
 
+def _processor_resample(folder: Path) -> Resample:
+    """The resize filter of a HF ``preprocessor_config.json`` (PIL codes: 2 bilinear,
+    3 bicubic); SiglipImageProcessor's default, bicubic, when absent."""
+    path = folder / "preprocessor_config.json"
+    try:
+        code = json.loads(path.read_text()).get("resample", 3) if path.is_file() else 3
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    return "pil_bilinear" if code == 2 else "bicubic"
+
+
 class MedSigLIP:
     """A two-tower SigLIP with its tokenizer and preprocessing.
 
@@ -57,10 +69,17 @@ class MedSigLIP:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: jnp.dtype = jnp.float32,
-                        image_size: int | None = None, **kwargs: Any) -> MedSigLIP:
+                        image_size: int | None = None, resample: Resample | None = None,
+                        **kwargs: Any) -> MedSigLIP:
         """A HF ``SiglipModel`` folder (config.json + safetensors + spiece.model) or an Orbax
-        folder written by :func:`medsiglip.save_checkpoint`."""
+        folder written by :func:`medsiglip.save_checkpoint`.
+
+        ``resample=None`` follows the folder's ``preprocessor_config.json`` as transformers'
+        processor would (PIL bilinear for ``resample: 2``, bicubic otherwise).
+        """
         path = Path(path)
+        if resample is None:
+            resample = _processor_resample(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such checkpoint folder")
         if is_orbax_checkpoint(path):
@@ -76,7 +95,7 @@ class MedSigLIP:
             tokenizer = None
         else:
             tokenizer = SiglipTokenizer(tok_file, max_length=model.config.text.max_positions)
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, tokenizer, resample=resample, **kwargs)
 
     def _batched(self, fn: Callable[[jax.Array], jax.Array], x: np.ndarray) -> np.ndarray:
         out = []

@@ -37,9 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
                        help="checkpoint folder (config.json + *.safetensors + spiece.model)")
         p.add_argument("--json", action="store_true", help="print only the JSON result line")
-        p.add_argument("--resample", choices=("bicubic", "bilinear"), default="bicubic",
-                       help="image resize filter: bicubic reproduces transformers' processor, "
-                            "bilinear the TF resize of Google's model card (default: bicubic)")
+        p.add_argument("--resample", choices=("bicubic", "bilinear", "pil_bilinear"),
+                       default=None,
+                       help="image resize filter (default: what the checkpoint's "
+                            "preprocessor_config.json asks for, as transformers' processor "
+                            "does; bicubic without one); bilinear is the unfiltered TF resize "
+                            "of Google's model card")
         p.add_argument("--pad-to-square", action="store_true",
                        help="zero-pad images to a centred square before resizing")
 
