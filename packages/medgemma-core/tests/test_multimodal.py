@@ -176,6 +176,8 @@ def test_orbax_round_trip_and_load(tiny_mm, ours, processor, tmp_path, hf_folder
     ids = np.asarray(p.input_ids)[None]
     np.testing.assert_array_equal(np.asarray(back(ids, p.pixel_values)),
                                   np.asarray(ours(ids, p.pixel_values)))
+    again = Processor.from_checkpoint(folder)
+    assert (again.config.image_size, again.config.mm_tokens_per_image) == (112, MM_TOKENS)
     model = load(folder)
     assert model.is_multimodal and model.multimodal.config == ours.config
     assert model.tokenizer.image_token_id == 262144

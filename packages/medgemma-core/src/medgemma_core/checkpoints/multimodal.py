@@ -195,6 +195,8 @@ def save_multimodal(model: Gemma3Multimodal, folder: str | Path, *, tokenizer: A
     """Save the whole image-text model with Orbax (restorable by :func:`load_multimodal` and
     ``medgemma_core.load``); with ``tokenizer``, its ``tokenizer.model`` and added tokens too."""
     folder = orbax_io.save(model, folder, config=model.config.to_hf_dict(), kind=KIND)
+    # config.json too, so that Processor.from_checkpoint(folder) reads the sizes
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=1))
     if tokenizer is not None:
         tokenizer.save(folder)
         decoder = {str(i): {"content": t, "special": i in tokenizer.special_ids}
