@@ -32,3 +32,14 @@ def test_missing_medsiglip_folder_and_bad_limits(tmp_path):
     assert out.returncode == 2 and "--medsiglip" in out.stderr and "Traceback" not in out.stderr
     out = run("--max-upload-mb", "0")
     assert out.returncode == 2 and "--max-upload-mb" in out.stderr
+
+
+def test_port_in_use_is_one_line_before_anything_loads():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        out = run("--port", str(busy.getsockname()[1]))
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "in use" in out.stderr and "--port" in out.stderr

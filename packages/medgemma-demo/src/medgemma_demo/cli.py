@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,22 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (checked before any model loading starts)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            s.bind(address)
+        except OSError:
+            return False
+    return True
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -63,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "checkpoint folder or leave it out")
     if not 1 <= args.port <= 65535:
         return _fail(f"--port {args.port} must be in 1..65535")
+    if not _port_free(args.host, args.port):
+        return _fail(f"cannot listen on {args.host}:{args.port} (in use, or not an address of "
+                     "this machine); pass another --port or --host")
     if args.max_upload_mb < 1:
         return _fail("--max-upload-mb must be at least 1")
     if not 1 <= args.max_new_tokens <= 2048:
@@ -88,8 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         app.launch(**launch_kwargs(config, server_name=args.host, server_port=args.port,
                                    share=args.share, quiet=True, prevent_thread_lock=True))
     except OSError as exc:
-        return _fail(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
-                     "pass another --port")
+        _fail(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
+              "pass another --port")
+        sys.stderr.flush()
+        os._exit(2)  # the model is loading in a thread; do not wait for it
     print(f"MedGemma demo running on {app.local_url}  (Ctrl+C to stop)", flush=True)
     try:
         app.block_thread()
