@@ -139,8 +139,9 @@ class Projector(nnx.Module):
         k = self.grid // self.side
         x = tokens.astype(jnp.float32).reshape(n, self.side, k, self.side, k, dv)
         x = x.mean(axis=(2, 4)).astype(tokens.dtype).reshape(n, self.side * self.side, dv)
-        w = self.weight[...]
-        return (self.norm(x).astype(w.dtype) @ w).astype(tokens.dtype)
+        w = self.weight[...]  # f32 accumulation without an f32 copy of w (XLA on CPU)
+        out = jnp.matmul(self.norm(x).astype(w.dtype), w, preferred_element_type=jnp.float32)
+        return out.astype(tokens.dtype)
 
 
 def image_blocks(tokens: jax.Array, image_token_id: int) -> jax.Array:
