@@ -90,7 +90,8 @@ def test_local_layers_keep_a_window_sized_ring_buffer():
     cache = KVCache.create(CFG, batch=2, max_len=4096, start=jnp.zeros(2, jnp.int32))
     for i, (k, v) in enumerate(cache.layers):
         want = CFG.sliding_window if CFG.is_local(i) else 4096
-        assert k.shape == v.shape == (2, want, CFG.num_kv_heads, CFG.head_dim)
+        assert k.shape == (2, CFG.num_kv_heads, want, CFG.head_dim)
+        assert v.shape == (2, CFG.num_kv_heads, CFG.head_dim, want)
 
 
 def test_decode_with_cache_equals_full_forward_past_the_window():

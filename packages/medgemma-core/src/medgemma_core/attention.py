@@ -76,7 +76,7 @@ class Attention(nnx.Module):
     def __call__(self, x, inp: AttnInputs, inv_freq, cache=None, ring_index=None):
         """x [B, T, D] -> ([B, T, D], new cache entry or None).
 
-        ``cache`` is ``(k, v)`` with [B, S, K, Hd] arrays: S slots of a global layer hold
+        ``cache`` is ``(k, v)``, k [B, K, S, Hd] and v [B, K, Hd, S]: S slots of a global layer hold
         indices 0..S-1; a local layer's S = window ring slots hold ``ring_index`` (the slot
         indices *before* this call; the caller advances them).
         """
@@ -84,58 +84,78 @@ class Attention(nnx.Module):
         k = jnp.einsum("btd,dhk->bthk", x, self.k[...])
         v = jnp.einsum("btd,dhk->bthk", x, self.v[...])
         q = apply_rope(self.q_norm(q), inp.positions, inv_freq)
-        k = apply_rope(self.k_norm(k), inp.positions, inv_freq)
+        # keys live as [B, K, S, Hd], values as [B, K, Hd, S]: the layouts in which XLA's CPU
+        # matmuls read them (contracted axis last), so no decode step transposes the cache
+        k = apply_rope(self.k_norm(k), inp.positions, inv_freq).transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 3, 1)
         t = x.shape[1]
+        if cache is not None and t == 1:
+            return self._decode_step(q, k, v, inp, cache, ring_index)
         k_img = inp.image_id
         if cache is None:
             keys, values, kidx, new_cache = k, v, inp.q_index, None
         elif self.window is None:  # global: write at the absolute indices, attend to all slots
             ck, cv = cache
-            at = (0, inp.q_index[0], 0, 0)
-            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), at)
-            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), at)
-            kidx = jnp.arange(ck.shape[1], dtype=jnp.int32)
+            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, inp.q_index[0], 0))
+            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, inp.q_index[0]))
+            kidx = jnp.arange(ck.shape[2], dtype=jnp.int32)
             new_cache = (keys, values)
-            if k_img is not None and t > 1:  # image blocks are bidirectional within a chunk
+            if k_img is not None:  # image blocks are bidirectional within a chunk
                 k_img = jax.lax.dynamic_update_slice(
-                    jnp.zeros((k_img.shape[0], ck.shape[1]), k_img.dtype), k_img,
+                    jnp.zeros((k_img.shape[0], ck.shape[2]), k_img.dtype), k_img,
                     (0, inp.q_index[0]))
-            else:
-                k_img = None
-        else:
-            keys, values, kidx, new_cache = self._ring(cache, k, v, inp.q_index, ring_index, t)
-            if k_img is not None and t > 1:
-                pad = jnp.zeros((k_img.shape[0], cache[0].shape[1]), k_img.dtype)
-                k_img = jnp.concatenate([pad, k_img], axis=1)
-            else:
-                k_img = None
+        else:  # local, a chunk: attend to the old ring plus the chunk, keep its last w entries
+            ck, cv = cache
+            k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+            keys = jnp.concatenate([ck, k], axis=2)
+            values = jnp.concatenate([cv, v], axis=3)
+            kidx = jnp.concatenate([ring_index, inp.q_index])
+            w = ck.shape[2]
+            m = min(t, w)
+            slots = inp.q_index[t - m:] % w
+            new_cache = (ck.at[:, :, slots].set(k[:, :, t - m:]),
+                         cv.at[:, :, :, slots].set(v[:, :, :, t - m:]))
+            if k_img is not None:
+                k_img = jnp.concatenate([jnp.zeros((k_img.shape[0], w), k_img.dtype), k_img], 1)
         q_img = inp.image_id if k_img is not None else None
         out = self._attend(q, keys, values, inp.q_index, kidx, inp.start, q_img, k_img)
         return jnp.einsum("bthk,hkd->btd", out, self.o[...]), new_cache
 
-    def _ring(self, cache, k, v, qidx, ring_index, t):
+    def _decode_step(self, q, k, v, inp: AttnInputs, cache, ring_index):
+        """One new token per row: attend to the cache as it was plus the token itself, then
+        write the token into its slot. The write's only consumer is the new cache, so XLA
+        updates the buffer in place (attending to the written cache made it copy the cache
+        every step)."""
         ck, cv = cache
-        w = ck.shape[1]
-        k = k.astype(ck.dtype)
-        v = v.astype(cv.dtype)
-        if t == 1:  # decode: overwrite the slot of index i - w (already out of the window)
-            at = (0, qidx[0] % w, 0, 0)
-            nk = jax.lax.dynamic_update_slice(ck, k, at)
-            nv = jax.lax.dynamic_update_slice(cv, v, at)
-            kidx = ring_index.at[qidx[0] % w].set(qidx[0])
-            return nk, nv, kidx, (nk, nv)
-        # a chunk: attend to the old ring plus the chunk, then keep the chunk's last w entries
-        keys = jnp.concatenate([ck, k], axis=1)
-        values = jnp.concatenate([cv, v], axis=1)
-        kidx = jnp.concatenate([ring_index, qidx])
-        m = min(t, w)
-        slots = qidx[t - m:] % w
-        nk = ck.at[:, slots].set(k[:, t - m:])
-        nv = cv.at[:, slots].set(v[:, t - m:])
-        return keys, values, kidx, (nk, nv)
+        s = ck.shape[2]
+        qi = inp.q_index[0]
+        if self.window is None:
+            slot, kidx = qi, jnp.arange(s, dtype=jnp.int32)
+        else:
+            slot, kidx = qi % s, ring_index
+        # old slots strictly before this token (and inside the window), plus the token itself
+        mask = make_mask(qi[None] - 1, kidx, inp.start, None if self.window is None
+                         else self.window - 1)
+        b, _, h, hd = q.shape
+        kh = ck.shape[1]
+        qs = (q * jnp.asarray(self.scale, q.dtype)).reshape(b, kh, self.groups, hd)
+        old = jnp.einsum("bkgd,bksd->bkgs", qs, ck.astype(q.dtype)).astype(jnp.float32)
+        own = jnp.einsum("bkgd,bkd->bkg", qs, k[:, :, 0].astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.concatenate([old, own[..., None]], axis=-1)
+        if self.softcap is not None:
+            scores = jnp.tanh(scores / self.softcap) * self.softcap
+        valid = jnp.concatenate([mask[:, 0], jnp.ones((b, 1), bool)], axis=-1)
+        scores = jnp.where(valid[:, None, None], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgs,bkds->bkgd", probs[..., :s], cv.astype(q.dtype))
+        out = out + probs[..., s:] * v[:, :, :, 0][:, :, None, :].astype(q.dtype)
+        out = jnp.einsum("bhk,hkd->bd", out.reshape(b, h, hd), self.o[...])[:, None]
+        new_cache = (jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, slot, 0)),
+                     jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, slot)))
+        return out, new_cache
 
     def _attend(self, q, k, v, qidx, kidx, start, q_img, k_img):
-        """q [B, T, H, Hd], k/v [B, S, K, Hd] -> [B, T, H, Hd].
+        """q [B, T, H, Hd], k [B, K, S, Hd], v [B, K, Hd, S] -> [B, T, H, Hd].
 
         Long query runs are processed QUERY_BLOCK queries at a time (``lax.map``), so a long
         prefill never holds a T x S score matrix, only QUERY_BLOCK x S per step.
@@ -158,14 +178,14 @@ class Attention(nnx.Module):
         return out.swapaxes(0, 1).reshape(b, t, h, hd)
 
     def _attend_block(self, q, k, v, mask):
-        """q [B, T, H, Hd], k/v [B, S, K, Hd], mask [B, T, S] -> [B, T, H, Hd]."""
+        """q [B, T, H, Hd], k [B, K, S, Hd], v [B, K, Hd, S], mask [B, T, S] -> [B, T, H, Hd]."""
         b, t, h, hd = q.shape
-        kh = k.shape[2]
+        kh = k.shape[1]
         q = (q * jnp.asarray(self.scale, q.dtype)).reshape(b, t, kh, self.groups, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
         if self.softcap is not None:
             scores = jnp.tanh(scores / self.softcap) * self.softcap
         scores = jnp.where(mask[:, None, None], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+        out = jnp.einsum("bkgts,bkds->btkgd", probs, v.astype(q.dtype))
         return out.reshape(b, t, h, hd)

@@ -16,7 +16,7 @@ from .layers import FeedForward, RMSNorm, rope_inv_freq
 
 @struct.dataclass
 class KVCache:
-    """Per-layer (k, v) [B, S, K, Hd]; S = ``window`` for local layers (a ring buffer), the
+    """Per-layer (k [B, K, S, Hd], v [B, K, Hd, S]); S = ``window`` for local layers (a ring buffer), the
     maximum length for global ones. ``ring_index`` [window] holds the absolute index stored in
     each ring slot (-1 empty); ``start`` [B] is each row's first real index (left padding);
     ``length`` is the next index to write."""
@@ -33,14 +33,15 @@ class KVCache:
         w = min(cfg.sliding_window, max_len)
         for i in range(cfg.num_layers):
             s = w if cfg.is_local(i) else max_len
-            shape = (batch, s, cfg.num_kv_heads, cfg.head_dim)
-            layers.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+            k = jnp.zeros((batch, cfg.num_kv_heads, s, cfg.head_dim), dtype)
+            v = jnp.zeros((batch, cfg.num_kv_heads, cfg.head_dim, s), dtype)
+            layers.append((k, v))
         return cls(tuple(layers), jnp.full((w,), -1, jnp.int32),
                    jnp.asarray(start, jnp.int32), jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        sizes = [k.shape[1] for k, _ in self.layers]
+        sizes = [k.shape[2] for k, _ in self.layers]
         return max(sizes)
 
 
