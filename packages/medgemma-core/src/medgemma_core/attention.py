@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import RMSNorm, apply_rope
+from .layers import RMSNorm, apply_rope, matmul
 
 NEG_INF = -2.3819763e38  # finite "minus infinity": fully-masked (padding) rows stay NaN-free
 QUERY_BLOCK = 512  # long prefills attend this many queries at a time
@@ -80,9 +80,9 @@ class Attention(nnx.Module):
         indices 0..S-1; a local layer's S = window ring slots hold ``ring_index`` (the slot
         indices *before* this call; the caller advances them).
         """
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...])
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...])
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...])
+        q = matmul(x, self.q[...], "btd,dhk->bthk")
+        k = matmul(x, self.k[...], "btd,dhk->bthk")
+        v = matmul(x, self.v[...], "btd,dhk->bthk")
         q = apply_rope(self.q_norm(q), inp.positions, inv_freq)
         # keys live as [B, K, S, Hd], values as [B, K, Hd, S]: the layouts in which XLA's CPU
         # matmuls read them (contracted axis last), so no decode step transposes the cache
@@ -119,7 +119,7 @@ class Attention(nnx.Module):
                 k_img = jnp.concatenate([jnp.zeros((k_img.shape[0], w), k_img.dtype), k_img], 1)
         q_img = inp.image_id if k_img is not None else None
         out = self._attend(q, keys, values, inp.q_index, kidx, inp.start, q_img, k_img)
-        return jnp.einsum("bthk,hkd->btd", out, self.o[...]), new_cache
+        return matmul(out, self.o[...], "bthk,hkd->btd"), new_cache
 
     def _decode_step(self, q, k, v, inp: AttnInputs, cache, ring_index):
         """One new token per row: attend to the cache as it was plus the token itself, then
@@ -149,7 +149,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgs,bkds->bkgd", probs[..., :s], cv.astype(q.dtype))
         out = out + probs[..., s:] * v[:, :, :, 0][:, :, None, :].astype(q.dtype)
-        out = jnp.einsum("bhk,hkd->bd", out.reshape(b, h, hd), self.o[...])[:, None]
+        out = matmul(out.reshape(b, h, hd), self.o[...], "bhk,hkd->bd")[:, None]
         new_cache = (jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, slot, 0)),
                      jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, slot)))
         return out, new_cache

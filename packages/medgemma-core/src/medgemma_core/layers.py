@@ -51,5 +51,13 @@ class FeedForward(nnx.Module):
         self.down = nnx.Param(init(rngs.params(), (hidden, dim), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = jax.nn.gelu(x @ self.gate[...], approximate=True)
-        return (gate * (x @ self.up[...])) @ self.down[...]
+        gate = jax.nn.gelu(matmul(x, self.gate[...]), approximate=True)
+        return matmul(gate * matmul(x, self.up[...]), self.down[...])
+
+
+def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f") -> jax.Array:
+    """``einsum(spec, x, w)`` accumulated in float32 and cast back to x's dtype.
+
+    Asking for a float32 result keeps XLA on CPUs from converting every bf16 weight to a
+    float32 copy held for the whole program (a no-op in float32)."""
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
