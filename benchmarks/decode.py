@@ -3,7 +3,9 @@
 Both load the same GGUF file (float32), run on the CPU with the same thread count, and get
 the same token ids. Decode tokens/s is marginal (prompt excluded): (N - 1) generated tokens
 per row over the time of the decode loop alone; for transformers the time of generate(N)
-minus generate(1). Compile time (ours) is reported separately. Prints one JSON object.
+minus generate(1). Compile time (ours) is reported separately, and the process CPU seconds
+per decode step (less sensitive than wall time to other work on a shared machine).
+Prints one JSON object.
 
     python benchmarks/decode.py [--new-tokens 64] [--batches 1 8] [--prefill 256]
 """
@@ -17,13 +19,14 @@ import platform
 import time
 
 
-def _time(fn, repeat=3):
-    best = float("inf")
+def _time(fn, repeat=3, cpu=False):
+    """Best wall time of ``repeat`` calls (or, with cpu=True, best (wall, process CPU) pair)."""
+    best = (float("inf"), float("inf"))
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        best = min(best, (time.perf_counter() - t, time.process_time() - c))
+    return best if cpu else best[0]
 
 
 def ours(path, prompt_ids, batches, new_tokens, prefill_len):
@@ -37,7 +40,8 @@ def ours(path, prompt_ids, batches, new_tokens, prefill_len):
     t = time.perf_counter()
     engine = Engine(load_decoder(path), stop_ids=())
     load_s = time.perf_counter() - t
-    out = {"load_s": round(load_s, 2), "decode": {}, "compile_s": {}}
+    out = {"load_s": round(load_s, 2), "decode": {}, "decode_cpu_s_per_step": {},
+           "compile_s": {}}
     s = Sampling()
     for b in batches:
         prompts = [prompt_ids] * b
@@ -45,18 +49,18 @@ def ours(path, prompt_ids, batches, new_tokens, prefill_len):
         def run(n, prompts=prompts):
             loop, key, temp, top_p, _ = engine._start(prompts, n, s, ())
             jax.block_until_ready(loop.out)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loop = engine._decode(engine.state, loop, jnp.int32(n), key, temp, top_p,
                                   skey=s.static_key(), stops=())
             jax.block_until_ready(loop.out)
-            return time.perf_counter() - t0, loop
+            return time.perf_counter() - t0, time.process_time() - c0
 
         t0 = time.perf_counter()
         run(new_tokens)  # compiles prefill and decode
         first = time.perf_counter() - t0
-        times = [run(new_tokens)[0] for _ in range(3)]
-        dt = min(times)
+        dt, cpu = min(run(new_tokens) for _ in range(3))
         out["decode"][f"batch{b}"] = round(b * (new_tokens - 1) / dt, 2)
+        out["decode_cpu_s_per_step"][f"batch{b}"] = round(cpu / (new_tokens - 1), 4)
         out["compile_s"][f"batch{b}"] = round(first - dt, 2)
     long_prompt = (prompt_ids * (prefill_len // len(prompt_ids) + 1))[:prefill_len]
 
@@ -79,7 +83,8 @@ def reference(path, prompt_ids, batches, new_tokens, prefill_len):
     t = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
-    out = {"load_s": round(time.perf_counter() - t, 2), "decode": {}}
+    out = {"load_s": round(time.perf_counter() - t, 2), "decode": {},
+           "decode_cpu_s_per_step": {}}
 
     def gen(ids, n):
         with torch.no_grad():
@@ -89,9 +94,10 @@ def reference(path, prompt_ids, batches, new_tokens, prefill_len):
     for b in batches:
         ids = torch.tensor([prompt_ids] * b)
         gen(ids, 4)  # warm up
-        t_n = _time(lambda ids=ids: gen(ids, new_tokens), 2)
-        t_1 = _time(lambda ids=ids: gen(ids, 1), 2)
+        t_n, c_n = _time(lambda ids=ids: gen(ids, new_tokens), 2, cpu=True)
+        t_1, c_1 = _time(lambda ids=ids: gen(ids, 1), 2, cpu=True)
         out["decode"][f"batch{b}"] = round(b * (new_tokens - 1) / (t_n - t_1), 2)
+        out["decode_cpu_s_per_step"][f"batch{b}"] = round((c_n - c_1) / (new_tokens - 1), 4)
     long_prompt = torch.tensor([(prompt_ids * (prefill_len // len(prompt_ids) + 1))[:prefill_len]])
 
     def prefill():
@@ -135,6 +141,8 @@ def main() -> None:
         o, r = result["medgemma_core"], result["transformers"]
         result["speedup"] = {k: round(o["decode"][k] / r["decode"][k], 2) for k in o["decode"]}
         result["speedup"]["prefill"] = round(o["prefill"] / r["prefill"], 2)
+    if os.path.exists("/proc/loadavg"):  # other work on the machine skews wall times
+        result["load_average_after"] = open("/proc/loadavg").read().split()[:3]
     print(json.dumps(result, indent=1))
 
 
