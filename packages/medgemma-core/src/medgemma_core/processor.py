@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medsiglip import preprocess
+from medsiglip import load_image, preprocess
 
 from .chat import BOI, EOI, IMAGE_TOKEN, format_chat
 from .tokenizer import Tokenizer
@@ -143,15 +143,7 @@ def pan_and_scan_boxes(height: int, width: int, *, min_crop_size: int = 256,
 
 def _open(image: Any) -> Any:
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such image file")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return img.copy()
-        except (OSError, SyntaxError, Image.UnidentifiedImageError) as exc:
-            raise ValueError(f"{path}: not a readable image ({exc}); pass a PNG or JPEG") from None
+        return load_image(image)
     if isinstance(image, Image.Image):
         return image
     arr = np.asarray(image)
