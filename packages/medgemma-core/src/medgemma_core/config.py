@@ -101,7 +101,7 @@ class Gemma3Config:
 
     @classmethod
     def tiny(cls, **overrides: Any) -> Gemma3Config:
-        """A small config for unit tests: 7 layers (6 local + 1 global... then local), window 8."""
+        """A small config for unit tests: 7 layers (5 local, 1 global, 1 local), window 8."""
         kw: dict[str, Any] = dict(vocab_size=512, hidden_size=64, intermediate_size=128,
                                   num_layers=7, num_heads=4, num_kv_heads=2, head_dim=16,
                                   query_pre_attn_scalar=16, sliding_window=8,
@@ -198,10 +198,6 @@ class Gemma3Config:
             "attn_logit_softcapping": self.attn_logit_softcapping,
             "pad_token_id": self.pad_id, "eos_token_id": self.eos_id, "bos_token_id": self.bos_id,
         }
-
-    @property
-    def num_groups(self) -> int:
-        return self.num_heads // self.num_kv_heads
 
     def is_local(self, layer: int) -> bool:
         return self.layer_types[layer] == LOCAL

@@ -36,10 +36,6 @@ class Sampling:
         """The parts that shape the compiled program (the rest are traced values)."""
         return (self.greedy, self.top_k, self.top_p < 1.0)
 
-    @classmethod
-    def greedy_(cls) -> Sampling:
-        return cls()
-
 
 def select(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
            *, greedy: bool, top_k: int, use_top_p: bool) -> jax.Array:

@@ -39,11 +39,6 @@ class KVCache:
         return cls(tuple(layers), jnp.full((w,), -1, jnp.int32),
                    jnp.asarray(start, jnp.int32), jnp.zeros((), jnp.int32))
 
-    @property
-    def max_len(self) -> int:
-        sizes = [k.shape[2] for k, _ in self.layers]
-        return max(sizes)
-
 
 class Block(nnx.Module):
     """Sandwich-norm decoder layer: h += post_attn(attn(pre_attn(h))); h += post_ffw(mlp(pre_ffw(h)))."""

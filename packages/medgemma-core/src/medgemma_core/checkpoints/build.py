@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import jax.numpy as jnp
@@ -67,8 +67,3 @@ def fill(abstract: nnx.Module, source: TensorSource, specs: Iterable[TensorSpec]
     if missing:
         raise AssertionError(f"parameters never filled: {missing[:5]}")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def abstract_model(factory: Callable[[], nnx.Module]) -> nnx.Module:
-    """The model with shapes only (no memory)."""
-    return nnx.eval_shape(factory)
