@@ -138,3 +138,48 @@ def test_query_blocked_attention_equals_unblocked(monkeypatch):
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
     blocked, _ = model(ids, start=start, image_id=image_id)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=1e-5, rtol=1e-5)
+
+
+MEMORY = r"""
+import json
+import medgemma_core  # sets the XLA CPU scheduler flag before JAX starts its backend
+import jax, jax.numpy as jnp
+from flax import nnx
+from medgemma_core.config import Gemma3Config
+from medgemma_core.generate import Engine
+from medgemma_core.sampling import Sampling
+from medgemma_core.transformer import Gemma3
+
+cfg = Gemma3Config.gemma3_4b()
+model = nnx.eval_shape(lambda: Gemma3(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+eng = Engine(model)
+t, s, new = 64, Sampling(), 16
+args = (eng.state, jax.ShapeDtypeStruct((1, t), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32),
+        None, None, jax.random.key(0), jnp.float32(1), jnp.float32(1))
+kw = dict(cache_len=t + new, max_new=new, skey=s.static_key(), stops=(1,))
+loop = jax.eval_shape(lambda *a: eng._prefill(*a, **kw), *args)
+mem = Engine._decode.lower(eng, eng.state, loop, jnp.int32(4), jax.random.key(0), jnp.float32(1),
+                           jnp.float32(1), skey=s.static_key(), stops=(1,)).compile().memory_analysis()
+print(json.dumps({"weights": mem.argument_size_in_bytes, "temp": mem.temp_size_in_bytes}))
+"""
+
+
+def test_bf16_decode_loop_does_not_hold_float32_copies_of_the_weights():
+    """XLA on CPUs computes bf16 products in float32. The compiled decode loop of the bf16 4B
+    decoder (abstract weights: compiled, not run) must need scratch memory well under the
+    weights' size: before the fix it held float32 copies of every weight and two of the
+    embedding table (2x the weights, 15.7 GB), and answering with the 4B model ran out of
+    24 GB."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MEDGEMMA_JAX_CACHE="0")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", MEMORY], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mem = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert mem["weights"] > 7e9
+    assert mem["temp"] < 0.45 * mem["weights"], mem

@@ -1,8 +1,30 @@
 """MedGemma core: the Gemma 3 decoder in JAX / Flax NNX, its tokenizer and fast generation."""
 
-from .api import Completion, MedGemma, default_checkpoint, load
-from .config import Gemma3Config
-from .sampling import Sampling
+import os as _os
+
+
+def _cpu_scheduler_flag() -> None:
+    """Turn off XLA's concurrency-optimized CPU scheduler unless XLA_FLAGS already says.
+
+    That scheduler starts every independent operation as early as it can. On the CPU, XLA
+    computes bf16 products in float32 by converting the weights, and it would then convert
+    every weight of the decode loop up front: a bf16 4B model needs 16 GB more to decode.
+    The list scheduler converts each weight just before its product (with
+    ``layers.pin_to``). Decode speed is unchanged (benchmarks/decode.py). Takes effect when
+    medgemma_core is imported before JAX starts its CPU backend; MEDGEMMA_XLA_FLAGS=0 opts out.
+    """
+    name = "--xla_cpu_enable_concurrency_optimized_scheduler"
+    flags = _os.environ.get("XLA_FLAGS", "")
+    if _os.environ.get("MEDGEMMA_XLA_FLAGS") == "0" or name in flags:
+        return
+    _os.environ["XLA_FLAGS"] = f"{flags} {name}=false".strip()
+
+
+_cpu_scheduler_flag()
+
+from .api import Completion, MedGemma, default_checkpoint, load  # noqa: E402
+from .config import Gemma3Config  # noqa: E402
+from .sampling import Sampling  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Completion", "Gemma3Config", "MedGemma", "Sampling", "default_checkpoint", "load"]

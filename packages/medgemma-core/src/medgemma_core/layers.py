@@ -58,6 +58,43 @@ class FeedForward(nnx.Module):
 def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f") -> jax.Array:
     """``einsum(spec, x, w)`` accumulated in float32 and cast back to x's dtype.
 
-    Asking for a float32 result keeps XLA on CPUs from converting every bf16 weight to a
-    float32 copy held for the whole program (a no-op in float32)."""
+    On CPUs XLA computes bf16 products in float32 by converting both operands. Asking for a
+    float32 result avoids a second conversion of the output, and :func:`pin_to` ties each
+    weight to its activation so that the float32 copy of the weight is made just before its
+    product and freed after it: otherwise XLA hoists the conversions of every weight out of
+    the decode loop and holds float32 copies of the whole model (2x its size) for the loop."""
+    x, w = pin_to(x, w)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def pin_to(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x, w)`` unchanged, except that on the CPU a low-precision ``w`` cannot be read (nor
+    converted) before ``x`` is computed (an optimization barrier). A no-op elsewhere and in
+    float32, where no conversion happens."""
+    if w.dtype == jnp.float32 or jax.default_backend() != "cpu":
+        return x, w
+    return jax.lax.optimization_barrier((x, w))
+
+
+def vocab_projection(h: jax.Array, table: jax.Array, chunk_bytes: int = 64 << 20) -> jax.Array:
+    """Logits ``[..., V]`` in float32 from hidden states ``[..., D]`` and the (tied) embedding
+    table ``[V, D]``.
+
+    On the CPU a low-precision table is projected in vocabulary chunks of about
+    ``chunk_bytes`` (as float32), each converted just before its product: one product over
+    the whole table would hold a float32 copy of it (2.7 GB for the 4B model)."""
+    v, d = table.shape
+    n = 1
+    if table.dtype != jnp.float32 and jax.default_backend() == "cpu":
+        want = -(-v * d * 4 // chunk_bytes)
+        n = next(k for k in range(max(want, 1), v + 1) if v % k == 0)
+    if n == 1:
+        return jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
+    chunks = table.reshape(n, v // n, d)
+
+    def one(w: jax.Array) -> jax.Array:
+        x, w = pin_to(h, w)
+        return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
+
+    out = jax.lax.map(one, chunks)  # [n, ..., V/n]
+    return jnp.moveaxis(out, 0, -2).reshape(*h.shape[:-1], v)

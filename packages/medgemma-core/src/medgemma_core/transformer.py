@@ -11,7 +11,7 @@ from flax import nnx, struct
 
 from .attention import Attention, AttnInputs
 from .config import Gemma3Config
-from .layers import FeedForward, RMSNorm, rope_inv_freq
+from .layers import FeedForward, RMSNorm, pin_to, rope_inv_freq, vocab_projection
 
 
 @struct.dataclass
@@ -76,12 +76,12 @@ class Gemma3(nnx.Module):
         """tokens [B, T] -> [B, T, D], scaled by sqrt(D) rounded to the weight dtype."""
         table = self.embedding[...]
         scale = jnp.asarray(math.sqrt(self.config.hidden_size), table.dtype)
+        tokens, table = pin_to(tokens, table)
         return jnp.take(table, tokens, axis=0) * scale
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final hidden states [..., D] (already normed) -> logits [..., V] in float32."""
-        out = jnp.einsum("...d,vd->...v", h, self.embedding[...],
-                         preferred_element_type=jnp.float32)
+        out = vocab_projection(h, self.embedding[...])
         cap = self.config.final_logit_softcapping
         if cap is not None:
             out = jnp.tanh(out / cap) * cap
