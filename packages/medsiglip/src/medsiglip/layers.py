@@ -25,6 +25,11 @@ def linear(d_in: int, d_out: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linea
     return nnx.Linear(d_in, d_out, use_bias=True, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
+#: ``implementation`` of ``jax.nn.dot_product_attention`` on accelerators: None (XLA) or
+#: ``"cudnn"`` (cuDNN's fused flash attention; GPUs, bf16/f16 only). Read at trace time.
+ACCELERATOR_ATTENTION: str | None = None
+
+
 def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """One head: ``[S, H] x [T, H] x [T, H] -> [S, H]``, scale ``H ** -0.5``, softmax in f32."""
     scores = (q * q.shape[-1] ** -0.5) @ k.T
@@ -41,7 +46,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     (``lax.map``): about 3x faster there for 1024 tokens.
     """
     if jax.default_backend() != "cpu" or q.shape[1] == 1:
-        return jax.nn.dot_product_attention(q, k, v)
+        impl = ACCELERATOR_ATTENTION if jax.default_backend() != "cpu" else None
+        return jax.nn.dot_product_attention(q, k, v, implementation=impl)
     b, s, n, h = q.shape
 
     def heads(x: jax.Array) -> jax.Array:  # [B, T, N, H] -> [B * N, T, H]
