@@ -11,8 +11,8 @@ medsiglip loader) and the same images; the JSON reports the largest output diffe
 On a GPU both run there (torch on ``cuda``, timings synchronized). float32 comes in two
 precisions, named by ``--f32``: ``highest`` (true float32 matrix products on both sides:
 JAX ``highest``, torch's default) and ``tf32`` (TensorFloat-32 products on both sides: JAX's
-default on GPUs, torch with ``allow_tf32``). ``--attn-impl cudnn`` runs medsiglip's attention
-through cuDNN's fused kernel (GPU, bf16) instead of XLA's.
+default on GPUs, torch with ``allow_tf32``). ``--attn-impl`` picks medsiglip's attention on a
+GPU: ``auto`` (the library default: cuDNN's fused kernel for bf16, else XLA), ``xla``, ``cudnn``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def run(cfg: SiglipVisionConfig, dtype_name: str, batch: int, iters: int, warmup
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     precision = None if dtype_name != "float32" else ("default" if tf32 else "highest")
-    layers.ACCELERATOR_ATTENTION = None if attn_impl == "xla" else attn_impl
+    layers.ACCELERATOR_ATTENTION = {"xla": None}.get(attn_impl, attn_impl)
 
     @jax.jit
     def forward(state, x):  # noqa: ANN001, ANN202
@@ -135,8 +135,9 @@ def main() -> None:
                         help="transformers attention implementation (its default is sdpa)")
     parser.add_argument("--f32", nargs="+", default=["highest"], choices=["highest", "tf32"],
                         help="float32 matrix-product precision, the same on both sides")
-    parser.add_argument("--attn-impl", nargs="+", default=["xla"], choices=["xla", "cudnn"],
-                        help="medsiglip attention on GPUs (cudnn: bf16 only)")
+    parser.add_argument("--attn-impl", nargs="+", default=["auto"],
+                        choices=["auto", "xla", "cudnn"],
+                        help="medsiglip attention on GPUs (auto: cudnn for bf16 when it can, the default)")
     args = parser.parse_args()
     cfg = SiglipVisionConfig.so400m_patch14_448().replace(
         num_layers=args.layers, image_size=args.image_size)
@@ -147,7 +148,7 @@ def main() -> None:
         for b in args.batch:
             for f32 in args.f32 if d == "float32" else ["-"]:
                 for impl in args.attn_impl:
-                    if impl == "cudnn" and (device == "cpu" or d == "float32"):
+                    if impl != "auto" and device == "cpu" or impl == "cudnn" and d == "float32":
                         continue
                     try:
                         r = run(cfg, d, b, args.iters, args.warmup, args.attn, device, f32,
