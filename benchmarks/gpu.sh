@@ -15,7 +15,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
 python3 -c "import jax, flax, torch, transformers; print(jax.devices(), flax.__version__, torch.__version__, transformers.__version__)" >> "$out/gpu.txt" 2>&1
 timeout "${SIGLIP_TIMEOUT:-300}" python3 "$root/benchmarks/siglip.py" --batch 1 32 --iters 10 \
-    --warmup 2 --f32 highest tf32 --attn-impl xla cudnn > "$out/siglip.json" 2> "$out/siglip.log"
+    --warmup 2 ${SIGLIP_ARGS:---f32 highest tf32 --attn-impl auto xla} > "$out/siglip.json" 2> "$out/siglip.log"
 echo "siglip rc=$?" >> "$out/gpu.txt"
 timeout "${MM_TIMEOUT:-300}" python3 "$root/benchmarks/multimodal.py" --4b --repeat 3 \
     ${tok:+--tokenizer "$tok"} > "$out/multimodal.json" 2> "$out/multimodal.log"
