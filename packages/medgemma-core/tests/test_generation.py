@@ -183,3 +183,29 @@ def test_bf16_decode_loop_does_not_hold_float32_copies_of_the_weights():
     mem = json.loads(proc.stdout.strip().splitlines()[-1])
     assert mem["weights"] > 7e9
     assert mem["temp"] < 0.45 * mem["weights"], mem
+
+
+def test_a_late_import_is_detected_and_warned_about_for_bf16():
+    """When JAX started before ``import medgemma_core`` the scheduler flag cannot apply: bf16
+    loads on the CPU say so (one warning), float32 loads stay quiet."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import jax, jax.numpy as jnp\n"
+        "jnp.zeros(1).block_until_ready()\n"
+        "import medgemma_core\n"
+        "from medgemma_core.api import _warn_if_cpu_scheduler_flag_late as warn\n"
+        "print('late', medgemma_core.XLA_CPU_FLAG_LATE)\n"
+        "warn('float32'); print('--', flush=True); warn('bfloat16')\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    env.pop("MEDGEMMA_XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "late True" in proc.stdout
+    warned = [line for line in proc.stderr.splitlines() if "scheduler is on" in line]
+    assert len(warned) == 1 and "bfloat16" in warned[0]

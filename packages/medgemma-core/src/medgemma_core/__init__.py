@@ -1,6 +1,7 @@
 """MedGemma core: the Gemma 3 decoder in JAX / Flax NNX, its tokenizer and fast generation."""
 
 import os as _os
+import sys as _sys
 
 
 def _cpu_scheduler_flag() -> None:
@@ -13,11 +14,20 @@ def _cpu_scheduler_flag() -> None:
     ``layers.pin_to``). Decode speed is unchanged (benchmarks/decode.py). Takes effect when
     medgemma_core is imported before JAX starts its CPU backend; MEDGEMMA_XLA_FLAGS=0 opts out.
     """
+    global XLA_CPU_FLAG_LATE
     name = "--xla_cpu_enable_concurrency_optimized_scheduler"
     flags = _os.environ.get("XLA_FLAGS", "")
     if _os.environ.get("MEDGEMMA_XLA_FLAGS") == "0" or name in flags:
         return
     _os.environ["XLA_FLAGS"] = f"{flags} {name}=false".strip()
+    if "jax" in _sys.modules:
+        from jax._src import xla_bridge
+
+        XLA_CPU_FLAG_LATE = xla_bridge.backends_are_initialized()
+
+
+#: True when JAX had started its backends before this import, so the flag came too late.
+XLA_CPU_FLAG_LATE = False
 
 
 _cpu_scheduler_flag()

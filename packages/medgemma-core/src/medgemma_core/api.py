@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,23 @@ class MedGemma:
         return Completion(answer if thought is not None else text, ids, n, stopped, thought)
 
 
+def _warn_if_cpu_scheduler_flag_late(dtype: str) -> None:
+    """One warning when a bf16 model runs on the CPU but JAX started before medgemma_core was
+    imported, so XLA's concurrency-optimized scheduler is on (see ``medgemma_core.__init__``)."""
+    import medgemma_core
+
+    if dtype == "float32" or not medgemma_core.XLA_CPU_FLAG_LATE:
+        return
+    import jax
+
+    if jax.default_backend() == "cpu":
+        logging.getLogger("medgemma_core").warning(
+            "JAX started before medgemma_core was imported, so XLA's concurrency-optimized CPU "
+            "scheduler is on and a %s model can need twice its size to decode: import "
+            "medgemma_core first, or set XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_"
+            "scheduler=false before JAX starts", dtype)
+
+
 def load(checkpoint: str | Path | None = None, *, dtype: str = "float32",
          image_batch: int = 4) -> MedGemma:
     """Load a Hugging Face folder, a GGUF file or an Orbax folder (None: the embedded default).
@@ -175,6 +193,7 @@ def load(checkpoint: str | Path | None = None, *, dtype: str = "float32",
     projector too; ``image_batch`` images are encoded per call.
     """
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    _warn_if_cpu_scheduler_flag_late(dtype)
     from .checkpoints.multimodal import is_multimodal
 
     if is_multimodal(path):
