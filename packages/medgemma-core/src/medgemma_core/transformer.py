@@ -76,6 +76,8 @@ class Gemma3(nnx.Module):
         """tokens [B, T] -> [B, T, D], scaled by sqrt(D) rounded to the weight dtype."""
         table = self.embedding[...]
         scale = jnp.asarray(math.sqrt(self.config.hidden_size), table.dtype)
+        # without the pin, XLA on CPUs hoists a float32 copy of the bf16 table out of the
+        # decode loop for this lookup (2.7 GB more for the 4B model; tested)
         tokens, table = pin_to(tokens, table)
         return jnp.take(table, tokens, axis=0) * scale
 
