@@ -83,13 +83,18 @@ def _gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def _best(fn, repeat):
+def _time_first(first, n: int, repeat: int) -> dict:
+    """The first call (compilation included) apart, then the best of ``repeat`` calls."""
+    t = time.perf_counter()
+    ids = first()
+    first_s = time.perf_counter() - t
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
-        fn()
+        first()
         times.append(time.perf_counter() - t)
-    return min(times)
+    return {f"first_call_s_{n}img": round(first_s, 3), f"ttft_s_{n}img": round(min(times), 3),
+            f"first_token_{n}img": ids[0]}
 
 
 def run_ours(folder: str, dtype: str, repeat: int) -> dict:
@@ -108,11 +113,7 @@ def run_ours(folder: str, dtype: str, repeat: int) -> dict:
             return model.chat_completion(messages, max_new_tokens=1, sampling=Sampling(),
                                          ignore_eos=True).token_ids
 
-        t = time.perf_counter()
-        ids = first()
-        out[f"first_call_s_{n}img"] = round(time.perf_counter() - t, 3)
-        out[f"ttft_s_{n}img"] = round(_best(first, repeat), 3)
-        out[f"first_token_{n}img"] = ids[0]
+        out.update(_time_first(first, n, repeat))
     return out
 
 
@@ -157,11 +158,7 @@ def run_transformers(folder: str, dtype: str, repeat: int) -> dict:
                                      do_sample=False, pad_token_id=0)
             return ids[0, -1:].tolist()  # .tolist() waits for the GPU
 
-        t = time.perf_counter()
-        ids = first()
-        out[f"first_call_s_{n}img"] = round(time.perf_counter() - t, 3)
-        out[f"ttft_s_{n}img"] = round(_best(first, repeat), 3)
-        out[f"first_token_{n}img"] = ids[0]
+        out.update(_time_first(first, n, repeat))
     return out
 
 

@@ -148,7 +148,7 @@ def main() -> None:
         for b in args.batch:
             for f32 in args.f32 if d == "float32" else ["-"]:
                 for impl in args.attn_impl:
-                    if impl != "auto" and device == "cpu" or impl == "cudnn" and d == "float32":
+                    if (device == "cpu" and impl != "auto") or (impl == "cudnn" and d == "float32"):
                         continue
                     try:
                         r = run(cfg, d, b, args.iters, args.warmup, args.attn, device, f32,
