@@ -9,11 +9,18 @@ tests. ``cross`` installs everything together and runs ``tests/`` at the root.
     nox -s demo         # set up and launch the demo app
     nox -s slow         # the slow tests (real-size checkpoints, long runs)
     nox -s lint         # ruff
+
+Each venv holds its own jax and torch (1.3 to 2.4 GB). With
+``MEDGEMMA_NOX_PRUNE=1`` (what ``.ci/run`` sets) a test session deletes its venv
+when it ends, pass or fail, so a full run needs one venv's disk at a time.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -26,6 +33,21 @@ PYTHON = "3.11"
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = False
+
+
+def _pruned(func):
+    """Delete the session's venv when it ends, if ``MEDGEMMA_NOX_PRUNE=1``."""
+
+    @functools.wraps(func)
+    def wrapper(session: nox.Session) -> None:
+        try:
+            func(session)
+        finally:
+            location = getattr(session.virtualenv, "location", None)
+            if os.environ.get("MEDGEMMA_NOX_PRUNE") == "1" and location:
+                shutil.rmtree(location, ignore_errors=True)
+
+    return wrapper
 
 
 def _packages() -> dict[str, Path]:
@@ -47,6 +69,10 @@ def _local_deps(dist: str, seen: list[str] | None = None) -> list[str]:
             _local_deps(name, seen)
             seen.append(name)
     return seen
+
+
+# pytest keeps the temporary folders of failed tests only (checkpoints written by tests are GBs)
+PYTEST = ("pytest", "-o", "tmp_path_retention_policy=failed")
 
 
 def _env() -> dict[str, str]:
@@ -75,10 +101,11 @@ def _install(session: nox.Session, dists: list[str], extra: str | None = "test")
 
 def _make_package_session(dist: str) -> None:
     @nox.session(name=dist, python=PYTHON)
+    @_pruned
     def _tests(session: nox.Session) -> None:
         _install(session, [dist])
         folder = _packages()[dist]
-        session.run("pytest", str(folder / "tests"), *session.posargs, env=_env())
+        session.run(*PYTEST, str(folder / "tests"), *session.posargs, env=_env())
 
     _tests.__doc__ = f"Tests of {dist}, in a venv holding only it and what it declares."
 
@@ -88,22 +115,24 @@ for _dist in _packages():
 
 
 @nox.session(python=PYTHON)
+@_pruned
 def cross(session: nox.Session) -> None:
     """Cross-package tests: every package installed together."""
     _install(session, list(_packages()))
     if any((ROOT / "tests").glob("test_*.py")):
-        session.run("pytest", str(ROOT / "tests"), *session.posargs, env=_env())
+        session.run(*PYTEST, str(ROOT / "tests"), *session.posargs, env=_env())
     else:
         session.log("no cross-package tests yet")
 
 
 @nox.session(python=PYTHON)
+@_pruned
 def examples(session: nox.Session) -> None:
     """The example third-party plugin, installed beside medgemma-data and tested with its kit."""
     _install(session, ["medgemma-data"])
     example = ROOT / "examples" / "medgemma-ultrasound"
     session.install("-e", f"{example}[test]")
-    session.run("pytest", str(example / "tests"), *session.posargs, env=_env())
+    session.run(*PYTEST, str(example / "tests"), *session.posargs, env=_env())
 
 
 @nox.session(python=PYTHON, default=False)
@@ -111,11 +140,12 @@ def slow(session: nox.Session) -> None:
     """The slow tests of every package (real-size checkpoints, training runs)."""
     _install(session, list(_packages()))
     folders = [str(p / "tests") for p in _packages().values()] + [str(ROOT / "tests")]
-    session.run("pytest", "-m", "slow", *folders, *session.posargs, env=_env(),
+    session.run(*PYTEST, "-m", "slow", *folders, *session.posargs, env=_env(),
                 success_codes=[0, 5])
 
 
 @nox.session(python=PYTHON)
+@_pruned
 def lint(session: nox.Session) -> None:
     """ruff over every package, the benchmarks and this file."""
     session.install("ruff>=0.6")
@@ -139,6 +169,7 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+@_pruned
 def browser(session: nox.Session) -> None:
     """The demo in a real headless Chromium (Playwright drives the system's chromium)."""
     import os
@@ -150,6 +181,6 @@ def browser(session: nox.Session) -> None:
     folder = _packages()["medgemma-demo"]
     siblings = [a for dep in _local_deps("medgemma-demo") for a in ("-e", str(_packages()[dep]))]
     session.install(*siblings, "-e", f"{folder}[browser]")
-    session.run("pytest", "-m", "browser", "-s", str(folder / "tests" / "test_browser.py"),
+    session.run(*PYTEST, "-m", "browser", "-s", str(folder / "tests" / "test_browser.py"),
                 *session.posargs, env=_env())
 
