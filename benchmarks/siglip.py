@@ -13,15 +13,12 @@ precisions, named by ``--f32``: ``highest`` (true float32 matrix products on bot
 JAX ``highest``, torch's default) and ``tf32`` (TensorFloat-32 products on both sides: JAX's
 default on GPUs, torch with ``allow_tf32``). ``--attn-impl`` picks medsiglip's attention on a
 GPU: ``auto`` (the library default: cuDNN's fused kernel for bf16, else XLA), ``xla``, ``cudnn``.
-``--qkv`` picks how medsiglip projects q, k and v: ``auto`` (the library default: one fused
-product on accelerators, three on the CPU), ``fused``, ``separate``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import platform
@@ -71,7 +68,7 @@ def _models(cfg: SiglipVisionConfig, dtype_name: str, attn: str, device: str):
 
 def run(cfg: SiglipVisionConfig, dtype_name: str, batch: int, iters: int, warmup: int,
         attn: str, device: str = "cpu", f32: str = "highest", attn_impl: str = "xla",
-        models=None, qkv: str = "auto") -> dict:
+        models=None) -> dict:
     jdt, tdt = DTYPES[dtype_name]
     ref, (graphdef, state) = models or _models(cfg, dtype_name, attn, device)
     tf32 = dtype_name == "float32" and f32 == "tf32"
@@ -79,7 +76,6 @@ def run(cfg: SiglipVisionConfig, dtype_name: str, batch: int, iters: int, warmup
     torch.backends.cudnn.allow_tf32 = tf32
     precision = None if dtype_name != "float32" else ("default" if tf32 else "highest")
     layers.ACCELERATOR_ATTENTION = {"xla": None}.get(attn_impl, attn_impl)
-    layers.FUSED_QKV = {"fused": True, "separate": False}.get(qkv, qkv)
 
     @jax.jit
     def forward(state, x):  # noqa: ANN001, ANN202
@@ -113,8 +109,6 @@ def run(cfg: SiglipVisionConfig, dtype_name: str, batch: int, iters: int, warmup
         "dtype": dtype_name,
         "f32_matmuls": f32 if dtype_name == "float32" else None,
         "medsiglip_attention": attn_impl,
-        "medsiglip_qkv": qkv,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "batch": batch,
         "medsiglip_images_per_s": round(ours_ips, 4),
         "transformers_images_per_s": round(theirs_ips, 4),
@@ -144,8 +138,6 @@ def main() -> None:
     parser.add_argument("--attn-impl", nargs="+", default=["auto"],
                         choices=["auto", "xla", "cudnn"],
                         help="medsiglip attention on GPUs (auto: cudnn for bf16 when it can, the default)")
-    parser.add_argument("--qkv", nargs="+", default=["auto"], choices=["auto", "fused", "separate"],
-                        help="medsiglip q/k/v projections (auto: fused on accelerators, the default)")
     args = parser.parse_args()
     cfg = SiglipVisionConfig.so400m_patch14_448().replace(
         num_layers=args.layers, image_size=args.image_size)
@@ -155,15 +147,14 @@ def main() -> None:
         models = _models(cfg, d, args.attn, device)
         for b in args.batch:
             for f32 in args.f32 if d == "float32" else ["-"]:
-                for impl, qkv in itertools.product(args.attn_impl, args.qkv):
+                for impl in args.attn_impl:
                     if (device == "cpu" and impl != "auto") or (impl == "cudnn" and d == "float32"):
                         continue
                     try:
                         r = run(cfg, d, b, args.iters, args.warmup, args.attn, device, f32,
-                                impl, models, qkv)
+                                impl, models)
                     except Exception as e:  # noqa: BLE001  (one failed variant, say so)
                         r = {"dtype": d, "batch": b, "medsiglip_attention": impl,
-                             "medsiglip_qkv": qkv,
                              "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                     print(json.dumps(r), file=sys.stderr, flush=True)
                     results.append(r)

@@ -32,16 +32,6 @@ def linear(d_in: int, d_out: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linea
 ACCELERATOR_ATTENTION: str | None = "auto"
 
 
-#: Self-attention's q, k and v projections as one ``[D, 3D]`` matrix product (the kernels are
-#: concatenated at trace time; the stored parameters keep the checkpoint layout): ``"auto"``
-#: (fused on accelerators, three products on the CPU, where fusing gained nothing), True, False.
-FUSED_QKV: str | bool = "auto"
-
-
-def _fuse_qkv() -> bool:
-    return jax.default_backend() != "cpu" if FUSED_QKV == "auto" else bool(FUSED_QKV)
-
-
 def _accelerator_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     impl = ACCELERATOR_ATTENTION
     if impl == "auto":
@@ -114,23 +104,11 @@ class Attention(nnx.Module):
         b, t, d = x.shape
         return x.reshape(b, t, self.num_heads, d // self.num_heads)
 
-    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Self-attention projections in one product: ``[B, T, D] -> 3 x [B, T, D]``."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        dtype = self.q_proj.dtype or jnp.result_type(x.dtype, self.q_proj.kernel.dtype)
-        kernel = jnp.concatenate([p.kernel[...] for p in projs], axis=1).astype(dtype)
-        bias = jnp.concatenate([p.bias[...] for p in projs]).astype(dtype)
-        y = jnp.matmul(x.astype(dtype), kernel, precision=self.q_proj.precision) + bias
-        return tuple(jnp.split(y, 3, axis=-1))
-
     def __call__(self, x: jax.Array, kv: jax.Array | None = None) -> jax.Array:
-        if kv is None and _fuse_qkv():
-            q, k, v = (self._heads(y) for y in self._qkv(x))
-        else:
-            kv = x if kv is None else kv
-            q = self._heads(self.q_proj(x))
-            k = self._heads(self.k_proj(kv))
-            v = self._heads(self.v_proj(kv))
+        kv = x if kv is None else kv
+        q = self._heads(self.q_proj(x))
+        k = self._heads(self.k_proj(kv))
+        v = self._heads(self.v_proj(kv))
         out = dot_product_attention(q, k, v)  # [B, S, N, H], scale H**-0.5
         b, s, n, h = out.shape
         return self.out_proj(out.reshape(b, s, n * h))
