@@ -11,8 +11,8 @@ import pytest
 import torch
 from mm_helpers import MM_TOKENS, random_images, reference_processor, save_tiny_mm
 
+from medgemma_core.checkpoints.hf import SafetensorsSource
 from medgemma_core.checkpoints.multimodal import (
-    PreadSource,
     is_multimodal,
     load_multimodal,
     read_multimodal_config,
@@ -193,7 +193,7 @@ def test_sharded_bf16_checkpoint_with_new_prefixes(tmp_path, hf_folder_reference
     files = set(index["weight_map"].values())
     assert len(files) > 1
     _rename_to_new_prefixes(folder, index)
-    names = set(PreadSource(folder).names())
+    names = set(SafetensorsSource(folder).names())
     assert "model.language_model.embed_tokens.weight" in names
     assert "model.vision_tower.post_layernorm.weight" in names  # transformers 5: no vision_model.
     assert "model.multi_modal_projector.mm_input_projection_weight" in names

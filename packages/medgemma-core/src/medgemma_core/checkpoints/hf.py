@@ -3,62 +3,105 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+import ml_dtypes
+import numpy as np
 
 from .build import CheckpointError
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+           "BOOL": np.bool_}
 
 
 class SafetensorsSource:
     """Tensors of a Hugging Face folder (one file, or shards listed in
-    ``model.safetensors.index.json``), opened lazily; each ``get`` reads one tensor."""
+    ``model.safetensors.index.json``), read with ``os.preadv`` into fresh arrays, no mmap.
+
+    Implements the :class:`~.build.TensorSource` protocol. The headers are parsed with ``json``
+    and checked against the file sizes; each ``get`` allocates one array and fills it from the
+    file, so a loader that converts and drops each tensor before the next holds one tensor at a
+    time (a memory map would keep every page read resident in this process until closed).
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
-        self._where: dict[str, Path] = {}
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted({self.folder / f for f in
+                                json.loads(index.read_text())["weight_map"].values()})
             except (OSError, ValueError, KeyError) as exc:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
-            files = sorted({self.folder / f for f in weight_map.values()})
         else:
             files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(
                 f"{self.folder}: no *.safetensors files; pass a Hugging Face model folder "
                 f"(config.json + model.safetensors) or a .gguf file")
-        self._handles: dict[Path, Any] = {}
+        self._info: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
         for file in files:
-            if not file.exists():
-                raise CheckpointError(f"{file}: listed in the index but missing; re-download it")
-            for name in self._open(file).keys():
-                self._where[name] = file
+            self._read_header(file)
 
-    def _open(self, file: Path):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="flax")
-            except Exception as exc:
-                raise CheckpointError(
-                    f"{file}: not a readable safetensors file ({exc}); it is truncated or "
-                    f"corrupt, re-download it") from None
-        return self._handles[file]
+    def _read_header(self, file: Path) -> None:
+        if not file.exists():
+            raise CheckpointError(f"{file}: listed in the index but missing; re-download it")
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= min(size - 8, 100 << 20):
+                    raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); it is "
+                                  f"truncated or corrupt, re-download it") from None
+        base = 8 + n
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = meta["data_offsets"]
+            if base + end > size:
+                raise CheckpointError(f"{file}: tensor {name!r} runs past the end of the file; "
+                                      f"it is truncated, re-download it")
+            self._info[name] = (file, meta["dtype"], tuple(meta["shape"]), base + begin,
+                                end - begin)
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._info)
 
     def where(self, name: str) -> str:
-        return str(self._where.get(name, self.folder))
+        return str(self._info[name][0]) if name in self._info else str(self.folder)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self._where[name]).get_slice(name).get_shape())
+        return self._info[name][2]
 
-    def get(self, name: str):
-        return self._open(self._where[name]).get_tensor(name)
+    def get(self, name: str) -> np.ndarray:
+        file, dtype, shape, offset, nbytes = self._info[name]
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+        out = np.empty(shape, _DTYPES[dtype])
+        if out.nbytes != nbytes:
+            raise CheckpointError(f"{file}: tensor {name!r} has {nbytes} bytes, expected "
+                                  f"{out.nbytes} for {dtype} {list(shape)}")
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise CheckpointError(f"{file}: tensor {name!r} is cut short; re-download it")
+                done += got
+        finally:
+            os.close(fd)
+        return out
+
+    def __call__(self, name: str) -> np.ndarray:  # medsiglip's "callable name -> array"
+        return self.get(name)
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
