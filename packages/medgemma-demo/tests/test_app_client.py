@@ -8,7 +8,6 @@ bad uploads come back as one-line errors, identifiers stay out of the logs.
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +25,15 @@ CORPUS = ["a chest x-ray showing pneumonia", "normal chest radiograph", "pleural
 
 def _tiny_medsiglip(folder: Path) -> Path:
     """A tiny random two-tower SigLIP saved by medsiglip, with a SentencePiece model trained here."""
-    import sentencepiece as spm
     from flax import nnx
 
     from medsiglip import SiglipConfig, SiglipModel, save_checkpoint
+    from medsiglip.testing import train_sentencepiece
 
-    rng = random.Random(0)
-    words = [w for s in CORPUS for w in s.split()]
-    lines = CORPUS * 10 + [" ".join(rng.choice(words) for _ in range(6)) for _ in range(200)]
-    (folder / "corpus.txt").write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "spiece"), vocab_size=60,
-        hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", minloglevel=2)
+    spiece = train_sentencepiece(folder, CORPUS, vocab_size=60, shuffled_lines=200,
+                                 words_per_line=6)
     model = SiglipModel(SiglipConfig.tiny(vocab_size=64, image_size=32), rngs=nnx.Rngs(3))
-    return save_checkpoint(model, folder / "ckpt", tokenizer_file=folder / "spiece.model")
+    return save_checkpoint(model, folder / "ckpt", tokenizer_file=spiece)
 
 
 @pytest.fixture(scope="module")

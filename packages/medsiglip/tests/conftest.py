@@ -3,7 +3,6 @@ saved with ``save_pretrained`` (the independent reference for parity tests)."""
 
 from __future__ import annotations
 
-import random
 import shutil
 from pathlib import Path
 
@@ -14,6 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from medsiglip.config import SiglipConfig, SiglipVisionConfig  # noqa: E402
+from medsiglip.testing import train_sentencepiece  # noqa: E402
 
 CORPUS = [
     "a chest x-ray showing pneumonia", "normal chest radiograph",
@@ -27,19 +27,7 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def spiece_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small unigram SentencePiece model with SigLIP's special pieces (pad 0, eos 1, unk 2)."""
-    import sentencepiece as spm
-
-    folder = tmp_path_factory.mktemp("spm")
-    rng = random.Random(0)
-    words = [w for s in CORPUS for w in s.split()]
-    lines = CORPUS * 10 + [" ".join(rng.choice(words) for _ in range(8)) for _ in range(400)]
-    (folder / "corpus.txt").write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "spiece"), vocab_size=90,
-        hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", minloglevel=2,
-    )
-    return folder / "spiece.model"
+    return train_sentencepiece(tmp_path_factory.mktemp("spm"), CORPUS, vocab_size=90)
 
 
 TINY = SiglipConfig.tiny(vocab_size=128, image_size=32)
