@@ -99,18 +99,47 @@ def test_greedy_generation_matches_transformers(tiny_mm, hf_folder_tokenizer):
     done = model.chat_completion(messages, max_new_tokens=16, sampling=Sampling(),
                                  ignore_eos=True)
     p = model.multimodal.processor(messages)
-    with torch.no_grad():
-        out = ref.generate(input_ids=torch.tensor(p.input_ids)[None],
-                           pixel_values=torch.tensor(p.pixel_values).permute(0, 3, 1, 2),
-                           token_type_ids=torch.tensor(p.token_type_ids)[None],
-                           attention_mask=torch.ones(1, len(p.input_ids), dtype=torch.long),
-                           max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                           pad_token_id=0)
-    want = out[0, len(p.input_ids):].tolist()
+    want = _ref_greedy(ref, p, 16)
     assert done.token_ids == want and len(want) == 16
     assert done.prompt_tokens == len(p.input_ids)
     streamed = "".join(model.chat_stream(messages, max_new_tokens=16, ignore_eos=True))
     assert streamed == hf_folder_tokenizer.decode(want)
+
+
+def _ref_greedy(ref, p, n: int) -> list[int]:
+    """transformers' greedy continuation (``n`` tokens, EOS ignored) of one processed prompt."""
+    images = {}
+    if len(p.pixel_values):
+        images = {"pixel_values": torch.tensor(p.pixel_values).permute(0, 3, 1, 2)}
+    with torch.no_grad():
+        out = ref.generate(input_ids=torch.tensor(p.input_ids)[None], **images,
+                           token_type_ids=torch.tensor(p.token_type_ids)[None],
+                           attention_mask=torch.ones(1, len(p.input_ids), dtype=torch.long),
+                           max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(p.input_ids):].tolist()
+
+
+def test_batch_of_conversations_matches_transformers_one_by_one(tiny_mm):
+    """Three conversations of different lengths (1 image, 2 images, none) in one batch: each
+    answer equals transformers' greedy answer to that conversation alone."""
+    from medgemma_core import load
+    from medgemma_core.sampling import Sampling
+
+    folder, ref, _ = tiny_mm
+    model = load(folder)
+    conversations = [
+        _messages(random_images(11, [(80, 120)])),
+        _messages(random_images(12, [(60, 60), (130, 90)]),
+                  "Compare the two studies and list every change that you can see in them."),
+        [{"role": "user", "content": "What is a pleural effusion?"}],
+    ]
+    done = model.chat_completions(conversations, max_new_tokens=12, sampling=Sampling(),
+                                  ignore_eos=True)
+    prompts = [model.multimodal.processor(m) for m in conversations]
+    assert len({len(p.input_ids) for p in prompts}) == 3  # really padded rows
+    for got, p in zip(done, prompts):
+        assert got.prompt_tokens == len(p.input_ids)
+        assert got.token_ids == _ref_greedy(ref, p, 12)
 
 
 def test_projector_matches_transformers(tiny_mm, ours):

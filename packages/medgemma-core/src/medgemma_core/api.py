@@ -153,12 +153,24 @@ class MedGemma:
                         sampling: Sampling = Sampling(), ignore_eos: bool = False) -> Completion:
         """The answer to chat messages (with images on image-text models) as a
         :class:`Completion` (text, generated ids, prompt length, thought)."""
-        if not self.is_multimodal:
-            return self.generate_ids([self.encode_chat(messages)], max_new_tokens=max_new_tokens,
+        return self.chat_completions([messages], max_new_tokens=max_new_tokens,
                                      sampling=sampling, ignore_eos=ignore_eos)[0]
-        ids, n, stopped = self.multimodal.generate(self, messages, max_new_tokens=max_new_tokens,
-                                                   sampling=sampling, ignore_eos=ignore_eos)
-        return self._completion(ids, n, stopped)
+
+    def chat_completions(self, conversations: Sequence[Sequence[dict]], *,
+                         max_new_tokens: int = 256, sampling: Sampling = Sampling(),
+                         ignore_eos: bool = False) -> list[Completion]:
+        """Answers to several conversations in one batch (one compiled prefill and decode loop):
+        prompts of any length, each with its own images on image-text models. Equal to asking
+        one conversation at a time, up to float rounding."""
+        if not conversations:
+            return []
+        if not self.is_multimodal:
+            return self.generate_ids([self.encode_chat(m) for m in conversations],
+                                     max_new_tokens=max_new_tokens, sampling=sampling,
+                                     ignore_eos=ignore_eos)
+        rows = self.multimodal.generate(self, conversations, max_new_tokens=max_new_tokens,
+                                        sampling=sampling, ignore_eos=ignore_eos)
+        return [self._completion(ids, n, stopped) for ids, n, stopped in rows]
 
     def _completion(self, ids: list[int], n: int, stopped: bool) -> Completion:
         text = self.tokenizer.decode([i for i in ids if i not in self.engine.stop_ids]

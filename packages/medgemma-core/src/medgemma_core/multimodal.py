@@ -213,13 +213,15 @@ def check_image_count(tokens: np.ndarray, n_images: int, cfg: MultimodalConfig) 
 
 
 @dataclasses.dataclass
-class PreparedPrompt:
-    """A prompt ready for the decoder: ids ``[T]``, embeddings ``[1, T, D]``, image_id ``[1, T]``."""
+class PreparedPrompts:
+    """Prompts ready for the decoder, right-aligned: ``ids`` (one list per conversation, unpadded),
+    ``embeddings [B, T, D]`` and ``image_id [B, T]`` with ``T`` the longest prompt (shorter rows
+    left-padded)."""
 
-    ids: list[int]
+    ids: list[list[int]]
     embeddings: jax.Array
     image_id: jax.Array
-    num_images: int
+    num_images: list[int]
 
 
 class ImageTextGenerator:
@@ -256,26 +258,33 @@ class ImageTextGenerator:
         return jnp.concatenate(out) if out else jnp.zeros(
             (0, self.config.mm_tokens_per_image, self.config.text.hidden_size))
 
-    def prepare(self, messages: Sequence[Mapping[str, Any]]) -> PreparedPrompt:
-        """Chat messages (text and image items) -> ids, embeddings and image blocks."""
-        processed = self.processor(messages)
-        ids = np.asarray(processed.input_ids, np.int32)[None]
-        n = len(processed.pixel_values)
-        check_image_count(ids, n, self.config)
-        soft = self.encode_images(processed.pixel_values) if n else None
-        emb = self._embed(self._state, jnp.asarray(ids), soft)
-        return PreparedPrompt(list(processed.input_ids), emb,
-                              image_blocks(ids, self.config.image_token_id), n)
+    def prepare(self, conversations: Sequence[Sequence[Mapping[str, Any]]], *,
+                pad_id: int = 0) -> PreparedPrompts:
+        """Conversations (chat messages with text and image items) -> ids, embeddings and image
+        blocks, one row each. The images of all conversations are encoded together."""
+        processed = [self.processor(messages) for messages in conversations]
+        ids = [list(p.input_ids) for p in processed]
+        counts = [len(p.pixel_values) for p in processed]
+        for row, n in zip(ids, counts):
+            check_image_count(np.asarray(row), n, self.config)
+        t = max(len(row) for row in ids)
+        tokens = np.full((len(ids), t), pad_id, np.int32)
+        for r, row in enumerate(ids):
+            tokens[r, t - len(row):] = row
+        pixels = [p.pixel_values for p, n in zip(processed, counts) if n]
+        soft = self.encode_images(np.concatenate(pixels)) if pixels else None
+        emb = self._embed(self._state, jnp.asarray(tokens), soft)  # soft tokens in reading order
+        return PreparedPrompts(ids, emb, image_blocks(tokens, self.config.image_token_id), counts)
 
     def chat_stream(self, medgemma: Any, messages: Sequence[Mapping[str, Any]], *,
                     max_new_tokens: int = 256, sampling: Sampling = Sampling(), chunk: int = 4,
                     ignore_eos: bool = False) -> Iterator[str]:
         """Text pieces of the answer, as :meth:`MedGemma.stream_ids` yields them."""
-        prompt = self.prepare(messages)
+        prompt = self.prepare([messages], pad_id=medgemma.engine.pad_id)
         decoder = medgemma.tokenizer.stream_decoder()
         stops = set(medgemma.engine.stop_ids)
         for piece in medgemma.engine.stream(
-                [prompt.ids], max_new_tokens=max_new_tokens, sampling=sampling, chunk=chunk,
+                prompt.ids, max_new_tokens=max_new_tokens, sampling=sampling, chunk=chunk,
                 ignore_eos=ignore_eos, embeddings=prompt.embeddings, image_id=prompt.image_id):
             text = "".join(decoder.feed(t) for t in piece[0] if ignore_eos or t not in stops)
             if text:
@@ -283,12 +292,15 @@ class ImageTextGenerator:
         if tail := decoder.flush():
             yield tail
 
-    def generate(self, medgemma: Any, messages: Sequence[Mapping[str, Any]], *,
+    def generate(self, medgemma: Any, conversations: Sequence[Sequence[Mapping[str, Any]]], *,
                  max_new_tokens: int = 256, sampling: Sampling = Sampling(),
-                 ignore_eos: bool = False):
-        """``(generated ids, prompt length, stopped)`` for one conversation."""
-        prompt = self.prepare(messages)
+                 ignore_eos: bool = False) -> list[tuple[list[int], int, bool]]:
+        """``(generated ids, prompt length, stopped)`` for each conversation, in one batch: rows
+        of any length and any number of images (left-padded, masked)."""
+        if not conversations:
+            return []
+        prompt = self.prepare(conversations, pad_id=medgemma.engine.pad_id)
         result = medgemma.engine.generate(
-            [prompt.ids], max_new_tokens=max_new_tokens, sampling=sampling, ignore_eos=ignore_eos,
+            prompt.ids, max_new_tokens=max_new_tokens, sampling=sampling, ignore_eos=ignore_eos,
             embeddings=prompt.embeddings, image_id=prompt.image_id)
-        return result.token_ids[0], result.prompt_tokens[0], result.stopped[0]
+        return list(zip(result.token_ids, result.prompt_tokens, result.stopped))
