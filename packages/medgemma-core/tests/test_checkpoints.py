@@ -92,6 +92,20 @@ def test_truncated_file_names_the_file(tmp_path, folder):
         load_decoder(tmp_path)
 
 
+@pytest.mark.parametrize("header", [
+    b'[1, 2]',
+    b'{"model.embed_tokens.weight": {"dtype": "F32", "shape": [2]}}',
+    b'{"model.embed_tokens.weight": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}',
+])
+def test_malformed_header_names_the_file(tmp_path, folder, header):
+    path, _ = folder
+    _copy(path, tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header
+                                                 + bytes(8))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*(corrupt|truncated)"):
+        load_decoder(tmp_path)
+
+
 def test_config_mismatch_names_the_tensor(tmp_path, folder):
     path, _ = folder
     _copy(path, tmp_path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
 
 class SafetensorsSource:
     """Tensors of a Hugging Face folder (one file, or shards listed in
-    ``model.safetensors.index.json``), read with ``os.preadv`` into fresh arrays, no mmap.
+    ``model.safetensors.index.json``), read into fresh arrays (unbuffered file reads, no mmap).
 
     Implements the :class:`~.build.TensorSource` protocol. The headers are parsed with ``json``
     and checked against the file sizes; each ``get`` allocates one array and fills it from the
@@ -56,6 +55,8 @@ class SafetensorsSource:
                 if not 0 < n <= min(size - 8, 100 << 20):
                     raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
                 header = json.loads(f.read(n))
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); it is "
                                   f"truncated or corrupt, re-download it") from None
@@ -63,12 +64,16 @@ class SafetensorsSource:
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
-            begin, end = meta["data_offsets"]
-            if base + end > size:
+            try:
+                begin, end = (int(v) for v in meta["data_offsets"])
+                dtype, shape = str(meta["dtype"]), tuple(int(d) for d in meta["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry; "
+                                      f"the file is corrupt, re-download it") from None
+            if not 0 <= begin <= end or base + end > size:
                 raise CheckpointError(f"{file}: tensor {name!r} runs past the end of the file; "
                                       f"it is truncated, re-download it")
-            self._info[name] = (file, meta["dtype"], tuple(meta["shape"]), base + begin,
-                                end - begin)
+            self._info[name] = (file, dtype, shape, base + begin, end - begin)
 
     def names(self) -> list[str]:
         return list(self._info)
@@ -88,16 +93,14 @@ class SafetensorsSource:
             raise CheckpointError(f"{file}: tensor {name!r} has {nbytes} bytes, expected "
                                   f"{out.nbytes} for {dtype} {list(shape)}")
         view = memoryview(out.reshape(-1).view(np.uint8))
-        fd = os.open(file, os.O_RDONLY)
-        try:
+        with open(file, "rb", buffering=0) as f:  # unbuffered reads straight into ``out``
+            f.seek(offset)
             done = 0
             while done < nbytes:
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got <= 0:
+                got = f.readinto(view[done:])
+                if not got:
                     raise CheckpointError(f"{file}: tensor {name!r} is cut short; re-download it")
                 done += got
-        finally:
-            os.close(fd)
         return out
 
     def __call__(self, name: str) -> np.ndarray:  # medsiglip's "callable name -> array"

@@ -9,9 +9,10 @@ medsiglip's prefixes, and the projector::
     [model.]multi_modal_projector.mm_soft_emb_norm.weight            [Dv]
     [model.]multi_modal_projector.mm_input_projection_weight         [Dv, D]  (no transpose)
 
-Tensors are read with ``pread`` into fresh buffers, one at a time, converted and cast before the
-next (:class:`~.hf.SafetensorsSource`): memory-mapped reads would leave every page of the file resident in
-this process (counted in its RSS) until the file is closed, doubling the peak for a 4B model.
+Tensors are read into fresh buffers, one at a time, converted and cast before the next
+(:class:`~.hf.SafetensorsSource`): memory-mapped reads would leave every page of the file
+resident in this process (counted in its RSS) until the file is closed, doubling the peak for a
+4B model.
 """
 
 from __future__ import annotations
