@@ -21,11 +21,10 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from multimodal import _images, _write_checkpoint  # noqa: E402
+from multimodal import _first_and_best, _images, _write_checkpoint  # noqa: E402
 
 QUESTIONS = ["Is there a pneumothorax?", "Describe the findings.",
              "Is the heart enlarged? Answer briefly, please.",
@@ -39,18 +38,6 @@ def _conversations(n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": [{"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
                                           {"type": "image", "image": images[i]}]}]
             for i in range(n)]
-
-
-def _best(fn, repeat: int):
-    t = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return out, round(first, 3), round(min(times), 3)
 
 
 def run_ours(folder: Path, convs, new: int, repeat: int) -> dict:
@@ -68,8 +55,8 @@ def run_ours(folder: Path, convs, new: int, repeat: int) -> dict:
         return [model.chat_completion(c, max_new_tokens=new, sampling=Sampling(),
                                       ignore_eos=True).token_ids for c in convs]
 
-    ids, first_b, best_b = _best(batch, repeat)
-    seq_ids, first_s, best_s = _best(one_by_one, repeat)
+    ids, first_b, best_b = _first_and_best(batch, repeat)
+    seq_ids, first_s, best_s = _first_and_best(one_by_one, repeat)
     return {"ids": ids, "batch_first_call_s": first_b, "batch_s": best_b,
             "one_by_one_first_call_s": first_s, "one_by_one_s": best_s,
             "batch_equals_one_by_one": ids == seq_ids}
@@ -107,7 +94,7 @@ def run_transformers(folder: Path, convs, new: int, repeat: int) -> dict:
                                  do_sample=False, pad_token_id=0)
         return out[:, inputs["input_ids"].shape[1]:].tolist()
 
-    ids, first, best = _best(batch, repeat)
+    ids, first, best = _first_and_best(batch, repeat)
     return {"ids": ids, "batch_first_call_s": first, "batch_s": best}
 
 

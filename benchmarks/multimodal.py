@@ -83,17 +83,23 @@ def _gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def _time_first(first, n: int, repeat: int) -> dict:
-    """The first call (compilation included) apart, then the best of ``repeat`` calls."""
+def _first_and_best(fn, repeat: int):
+    """``(output of the first call, its seconds, best seconds of the next ``repeat`` calls)``:
+    the first call (compilation included) is reported apart."""
     t = time.perf_counter()
-    ids = first()
+    out = fn()
     first_s = time.perf_counter() - t
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
-        first()
+        fn()
         times.append(time.perf_counter() - t)
-    return {f"first_call_s_{n}img": round(first_s, 3), f"ttft_s_{n}img": round(min(times), 3),
+    return out, round(first_s, 3), round(min(times), 3)
+
+
+def _time_first(first, n: int, repeat: int) -> dict:
+    ids, first_s, best = _first_and_best(first, repeat)
+    return {f"first_call_s_{n}img": first_s, f"ttft_s_{n}img": best,
             f"first_token_{n}img": ids[0]}
 
 
