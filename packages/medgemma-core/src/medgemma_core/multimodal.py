@@ -221,7 +221,6 @@ class PreparedPrompts:
     ids: list[list[int]]
     embeddings: jax.Array
     image_id: jax.Array
-    num_images: list[int]
 
 
 class ImageTextGenerator:
@@ -274,7 +273,7 @@ class ImageTextGenerator:
         pixels = [p.pixel_values for p, n in zip(processed, counts) if n]
         soft = self.encode_images(np.concatenate(pixels)) if pixels else None
         emb = self._embed(self._state, jnp.asarray(tokens), soft)  # soft tokens in reading order
-        return PreparedPrompts(ids, emb, image_blocks(tokens, self.config.image_token_id), counts)
+        return PreparedPrompts(ids, emb, image_blocks(tokens, self.config.image_token_id))
 
     def chat_stream(self, medgemma: Any, messages: Sequence[Mapping[str, Any]], *,
                     max_new_tokens: int = 256, sampling: Sampling = Sampling(), chunk: int = 4,
