@@ -5,7 +5,7 @@
 1. Radiograph DICOM -> model-ready RGB image per second: ``medgemma_data.load`` (detection,
    decoder check, modality LUT, VOI, stretch, MONOCHROME1 inversion, Sample validation)
    against a plain pydicom loop (dcmread, pixel_array, min-max stretch, inversion, gray->RGB)
-   on the real SIIM chest radiograph (JPEG baseline, 1024 x 1024) of ../shared/fixtures.
+   on the real SIIM chest radiograph (JPEG baseline, 1024 x 1024) of the repository's fixtures/ folder.
 2. WSI patches per second: ``medgemma_data.load`` on a generated tiled pyramidal TIFF
    (tissue over most of it; includes the thumbnail, Otsu mask and compositing) against a plain
    openslide loop reading the same 896 x 896 regions and converting them to RGB.
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("MEDGEMMA_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+FIXTURES = Path(os.environ.get("MEDGEMMA_FIXTURES", ROOT / "fixtures"))
 
 
 def _best_rate(fn, count: int, repeats: int) -> float:
@@ -47,6 +47,9 @@ def bench_radiograph(repeats: int) -> dict[str, object]:
     import medgemma_data as md
 
     path = FIXTURES / "cxr" / "monochrome1_sample.dcm"
+    if not path.is_file():
+        sys.exit(f"{path} not found: it ships in the repository's fixtures/ folder "
+                 "(or set MEDGEMMA_FIXTURES to a copy)")
     n = 5
 
     def ours() -> None:

@@ -13,8 +13,8 @@ import pytest
 import medgemma_data
 import medsiglip
 
-FIXTURES = Path(os.environ.get("MEDGEMMA_FIXTURES",
-                               Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"))
+# The repository's fixtures/ folder; $MEDGEMMA_FIXTURES points the tests at another copy.
+FIXTURES = Path(os.environ.get("MEDGEMMA_FIXTURES", Path(__file__).resolve().parents[1] / "fixtures"))
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """``$MEDGEMMA_FIXTURES`` (set by nox), else ``<repo root>/../shared/fixtures``."""
+    """The repository's ``fixtures/`` folder (``$MEDGEMMA_FIXTURES`` overrides it).
+    A missing folder fails the test: the files are committed with the repository."""
     env = os.environ.get("MEDGEMMA_FIXTURES")
-    path = Path(env) if env else Path(__file__).resolve().parents[3].parent / "shared" / "fixtures"
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "fixtures"
     if not path.is_dir():
-        pytest.skip(f"test fixtures not found at {path}; set MEDGEMMA_FIXTURES")
+        pytest.fail(f"test fixtures not found at {path}: they ship in the repository's fixtures/ "
+                    "folder (or set MEDGEMMA_FIXTURES to a copy)", pytrace=False)
     return path
 
 

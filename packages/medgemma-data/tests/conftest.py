@@ -10,7 +10,8 @@ import pytest
 from medgemma_data.manager import reset_registry
 
 REPO = Path(__file__).resolve().parents[3]
-FIXTURES = Path(os.environ.get("MEDGEMMA_FIXTURES", REPO.parent / "shared" / "fixtures"))
+# The repository's fixtures/ folder; $MEDGEMMA_FIXTURES points the tests at another copy.
+FIXTURES = Path(os.environ.get("MEDGEMMA_FIXTURES", REPO / "fixtures"))
 
 
 def pydicom_file(name: str) -> Path:
@@ -24,7 +25,8 @@ def pydicom_file(name: str) -> Path:
 
 @pytest.fixture
 def fixtures() -> Path:
-    assert FIXTURES.is_dir(), f"fixtures not found at {FIXTURES}; set MEDGEMMA_FIXTURES"
+    assert FIXTURES.is_dir(), (f"fixtures not found at {FIXTURES}: they ship in the repository's "
+                               "fixtures/ folder (or set MEDGEMMA_FIXTURES to a copy)")
     return FIXTURES
 
 

@@ -17,14 +17,16 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def fixtures_dir() -> Path:
-    return Path(os.environ.get("MEDGEMMA_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+    """The repository's ``fixtures/`` folder (``$MEDGEMMA_FIXTURES`` overrides it)."""
+    return Path(os.environ.get("MEDGEMMA_FIXTURES", ROOT / "fixtures"))
 
 
 @pytest.fixture(scope="session")
 def cxr_dcm() -> Path:
     path = fixtures_dir() / "cxr" / "siim_pneumothorax_sample.dcm"
     if not path.is_file():
-        pytest.skip(f"fixture {path} missing (set MEDGEMMA_FIXTURES)")
+        pytest.fail(f"fixture {path} missing: it ships in the repository's fixtures/ folder "
+                    "(or set MEDGEMMA_FIXTURES to a copy)", pytrace=False)
     return path
 
 
