@@ -10,6 +10,12 @@ tests. ``cross`` installs everything together and runs ``tests/`` at the root.
     nox -s slow         # the slow tests (real-size checkpoints, long runs)
     nox -s lint         # ruff
 
+Sessions run on the interpreter nox runs under when it is Python 3.11 or later, else on the
+first of ``python3.11``, ``python3.12``, ``python3.13`` found on ``PATH``. None found is an error
+(exit 1), never a skip. ``nox --force-python 3.12`` picks one.
+
+Installs print pip's own output and a step counter (``[2/4] installing medgemma-core``).
+
 Each venv holds its own jax and torch (1.3 to 2.4 GB). With
 ``MEDGEMMA_NOX_PRUNE=1`` (what ``.ci/run`` sets) a test session deletes its venv
 when it ends, pass or fail, so a full run needs one venv's disk at a time.
@@ -21,18 +27,36 @@ import functools
 import os
 import re
 import shutil
-import tomllib
+import sys
 from pathlib import Path
 
 import nox
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # nox itself runs under Python 3.10 (nox depends on tomli there)
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parent
 PACKAGES = ROOT / "packages"
-PYTHON = "3.11"
+SUPPORTED = ("3.11", "3.12", "3.13")
+
+
+def _python() -> str | None:
+    """The sessions' interpreter: ``None`` (nox's own) when nox runs under 3.11 or later, else
+    the first of ``SUPPORTED`` on ``PATH``, else ``"3.11"``, which nox then reports as not found."""
+    if sys.version_info >= (3, 11):  # noqa: UP036 - nox itself may run under 3.10
+        return None
+    return next((v for v in SUPPORTED if shutil.which(f"python{v}")), SUPPORTED[0])
+
+
+PYTHON = _python()
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.error_on_missing_interpreters = False
+# A missing interpreter fails the run: a skip would exit 0 with no test run.
+nox.options.error_on_missing_interpreters = True
+nox.options.download_python = "never"
 
 
 def _pruned(func):
@@ -80,7 +104,6 @@ def _env() -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "JAX_PLATFORMS": "cpu",
-        "MEDGEMMA_FIXTURES": str(ROOT.parent / "shared" / "fixtures"),
         "PYTHONHASHSEED": "0",
         # caches kept beside the venvs: reruns skip GGUF dequantization and XLA compiles
         "MEDGEMMA_CONVERT_CACHE": str(ROOT / ".nox" / "_cache" / "converted"),
@@ -88,15 +111,25 @@ def _env() -> dict[str, str]:
     }
 
 
+def _steps(session: nox.Session, steps: list[tuple[str, list[str]]]) -> None:
+    """``pip install`` each ``(label, args)`` in turn, with a step counter and pip's own output
+    (what it downloads and builds), so that a long install is never a silent wait."""
+    for k, (label, args) in enumerate(steps, 1):
+        session.log(f"[{k}/{len(steps)}] installing {label}")
+        session.install(*args, silent=False)
+
+
 def _install(session: nox.Session, dists: list[str], extra: str | None = "test") -> None:
     # torch comes from the CPU wheel on disk; pin it before anything can pull a CUDA build.
-    session.install("torch==2.13.0")
+    steps = [("torch (CPU wheel)", ["torch==2.13.0"])]
     for dist in dists:
         for dep in _local_deps(dist):
-            session.install("-e", str(_packages()[dep]))
-    specs = [f"{_packages()[d]}[{extra}]" if extra else str(_packages()[d]) for d in dists]
-    for spec in specs:
-        session.install("-e", spec)
+            if all(label != dep for label, _ in steps):
+                steps.append((dep, ["-e", str(_packages()[dep])]))
+    for dist in dists:
+        spec = f"{_packages()[dist]}[{extra}]" if extra else str(_packages()[dist])
+        steps.append((f"{dist}[{extra}]" if extra else dist, ["-e", spec]))
+    _steps(session, steps)
 
 
 def _make_package_session(dist: str) -> None:
@@ -131,7 +164,7 @@ def examples(session: nox.Session) -> None:
     """The example third-party plugin, installed beside medgemma-data and tested with its kit."""
     _install(session, ["medgemma-data"])
     example = ROOT / "examples" / "medgemma-ultrasound"
-    session.install("-e", f"{example}[test]")
+    _steps(session, [("medgemma-ultrasound[test]", ["-e", f"{example}[test]"])])
     session.run(*PYTEST, str(example / "tests"), *session.posargs, env=_env())
 
 
@@ -151,7 +184,7 @@ def slow(session: nox.Session) -> None:
 @_pruned
 def lint(session: nox.Session) -> None:
     """ruff over every package, the benchmarks and this file."""
-    session.install("ruff>=0.6")
+    _steps(session, [("ruff", ["ruff>=0.6"])])
     session.run("ruff", "check", "packages", "examples", "benchmarks", "tests", "noxfile.py")
 
 
@@ -166,8 +199,11 @@ def demo(session: nox.Session) -> None:
                                   for d in dists)).hexdigest()
     stamp = Path(session.virtualenv.location) / ".medgemma-demo-installed"
     if not (stamp.is_file() and stamp.read_text() == key):
-        session.install(*[a for d in dists for a in ("-e", str(_packages()[d]))])
+        _steps(session, [(d, ["-e", str(_packages()[d])]) for d in dists])
         stamp.write_text(key)
+    else:
+        session.log(f"installed already: {', '.join(dists)} (editable; a pyproject.toml change "
+                    "reinstalls)")
     session.run("medgemma-demo", *session.posargs, env=_env())
 
 
@@ -182,8 +218,8 @@ def browser(session: nox.Session) -> None:
         session.error("the browser test needs Chromium: apt-get install -y chromium "
                       "(or set CHROMIUM to its path)")
     folder = _packages()["medgemma-demo"]
-    siblings = [a for dep in _local_deps("medgemma-demo") for a in ("-e", str(_packages()[dep]))]
-    session.install(*siblings, "-e", f"{folder}[browser]")
+    _steps(session, [*[(dep, ["-e", str(_packages()[dep])]) for dep in _local_deps("medgemma-demo")],
+                     ("medgemma-demo[browser]", ["-e", f"{folder}[browser]"])])
     session.run(*PYTEST, "-m", "browser", "-s", str(folder / "tests" / "test_browser.py"),
                 *session.posargs, env=_env())
 
