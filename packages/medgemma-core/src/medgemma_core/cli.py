@@ -141,8 +141,7 @@ def _chat(args) -> int:
         messages.append({"role": "user", "content": line})
         answer = []
         for piece in model.chat_stream(messages, max_new_tokens=args.max_new_tokens,
-                                       temperature=sampling.temperature, top_k=sampling.top_k,
-                                       top_p=sampling.top_p, seed=sampling.seed):
+                                       sampling=sampling):
             answer.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -153,6 +152,9 @@ def _chat(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .generate import enable_compilation_cache
+
+    enable_compilation_cache()  # compiled programs kept for the next run (MEDGEMMA_JAX_CACHE)
     try:
         if args.command == "generate":
             return _generate(args)
