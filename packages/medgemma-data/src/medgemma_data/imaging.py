@@ -65,11 +65,19 @@ def parse_color(text: str) -> tuple[int, int, int]:
     return r, g, b
 
 
-def read_photo(path: Path) -> tuple[np.ndarray, int | None]:
-    """Read a JPEG/PNG/... with Pillow, applying the EXIF orientation.
+#: Pillow modes holding one channel of more than 8 bits: 16-bit PNG/TIFF (``I;16*``),
+#: 32-bit integer (``I``) and floating point (``F``) images.
+HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
 
-    Returns ``(rgb uint8 [H, W, 3], exif orientation tag or None)``; 16-bit grayscale is
-    min-max stretched, palette and alpha images are converted to RGB (alpha on white).
+
+def read_image(path: Path) -> tuple[np.ndarray, dict[str, object]]:
+    """Read a PNG/JPEG/... file into ``uint8 [H, W, 3]``: the one way every plugin reads one.
+
+    EXIF orientation applied, then :func:`pil_to_rgb`. Returns the image and facts for the
+    sample's metadata: ``image_size`` ``[width, height]``, ``exif_orientation`` (when the
+    file has the tag) and ``intensity_range`` ``[min, max]`` (the source values stretched to
+    0..255, for single-channel images of more than 8 bits). ``medsiglip.load_image`` applies
+    the same rule, pixel for pixel (a test in the repository's ``tests/`` proves it).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -81,14 +89,33 @@ def read_photo(path: Path) -> tuple[np.ndarray, int | None]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidInputError(f"{path} is not a readable image ({exc}); check the file") \
             from None
-    return pil_to_rgb(im), orientation
+    facts: dict[str, object] = {"image_size": [im.width, im.height]}
+    if orientation:
+        facts["exif_orientation"] = int(orientation)
+    if im.mode in HIGH_BIT_MODES:
+        values = np.asarray(im)
+        facts["intensity_range"] = [float(values.min()), float(values.max())]
+    return pil_to_rgb(im), facts
 
 
 def pil_to_rgb(im) -> np.ndarray:  # noqa: ANN001 - a PIL image
-    """A Pillow image of any mode -> ``uint8 [H, W, 3]``."""
+    """A Pillow image of any mode -> ``uint8 [H, W, 3]``.
+
+    The rule for more than 8 bits: a single-channel image of more than 8 bits (16-bit
+    PNG/TIFF, 32-bit integer, float; :data:`HIGH_BIT_MODES`) is min-max stretched over the
+    whole image to 0..255 (:func:`stretch`) and repeated in the three channels. Such files in
+    medicine are radiographs and scans whose detector data fill only part of the container
+    (12-bit data in a 16-bit PNG reach 4095 of 65535: divided by 65535 they are a nearly black
+    image) and carry no display window, so stretching to the full range is what MedGemma's
+    radiograph handling does (window, then stretch). Colour images are not stretched: Pillow
+    reads a 16-bit colour PNG as 8 bits per channel (the high byte), so a photograph keeps its
+    exposure; a rare 16-bit grayscale photograph is contrast-stretched, which keeps the order
+    of its intensities. Palette and alpha images become RGB (alpha composited on white);
+    8-bit images keep their values.
+    """
     from PIL import Image
 
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    if im.mode in HIGH_BIT_MODES:
         return gray_to_rgb(stretch(np.asarray(im)))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")

@@ -1,12 +1,13 @@
 """Image preprocessing for the vision tower: any image -> float32 ``[B, S, S, 3]`` in [-1, 1].
 
-Steps per image: read (file path, PIL image or array), convert to RGB (grayscale repeated,
-alpha composited onto white as transformers' ``convert_rgb`` does), optionally zero-pad to a
-centred square, resize to ``S x S`` (aspect ratio not kept), scale to [0, 1], then
-``(x - 0.5) / 0.5``.
+Steps per image: read (a file path through :func:`load_image`, a PIL image or an array),
+convert to RGB (grayscale repeated, alpha composited onto white as transformers'
+``convert_rgb`` does), optionally zero-pad to a centred square, resize to ``S x S`` (aspect
+ratio not kept), scale to [0, 1], then ``(x - 0.5) / 0.5``.
 
-Accepted arrays: ``[H, W]``, ``[H, W, 1|2|3|4]`` of uint8 (0..255), uint16 (0..65535, e.g.
-16-bit PNG radiographs) or float in [0, 1].
+Accepted arrays: ``[H, W]``, ``[H, W, 1|2|3|4]`` of uint8 (0..255), uint16 (0..65535) or
+float in [0, 1]. Files are read by :func:`load_image`, which min-max stretches 16-bit
+grayscale files (radiographs) to 8 bits, as medgemma-data does.
 
 ``resample``:
 
@@ -28,24 +29,56 @@ from typing import Any, Literal
 
 import jax
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 Resample = Literal["bicubic", "bilinear", "pil_bilinear"]
 _PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "pil_bilinear": Image.Resampling.BILINEAR}
 ImageLike = str | Path | Image.Image | np.ndarray
 
 
+#: Pillow modes holding one channel of more than 8 bits: 16-bit PNG/TIFF, 32-bit int, float.
+_HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Min-max over the whole image to 0..255, rounded half to even (a constant image -> 0).
+
+    The same arithmetic, step for step, as ``medgemma_data.imaging.stretch`` (float64 clip,
+    scale by ``255 / (hi - lo)``, ``rint``), so both packages give identical pixels.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    if not hi > lo:
+        return np.zeros(x.shape, np.uint8)
+    return np.rint((np.clip(x, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file (PNG, JPEG, TIFF, ...) fully; a clear error when it is not one."""
+    """Open an image file (PNG, JPEG, TIFF, ...) as every MedGemma package reads one.
+
+    The EXIF orientation is applied (as transformers' ``load_image`` does). A single-channel
+    image of more than 8 bits (16-bit PNG/TIFF, 32-bit integer, float) becomes 8-bit
+    grayscale (mode ``L``) by a min-max stretch over the whole image. Why: such files in
+    medicine are radiographs and scans whose detector data fill only part of the container
+    (12-bit data in a 16-bit PNG reach 4095 of 65535, so dividing by 65535 gives a nearly
+    black image) and carry no display window; radiographs are shown stretched to the full
+    range. Colour files are not stretched: Pillow reads a 16-bit colour PNG as 8 bits per
+    channel, so photographs keep their exposure. medgemma-data's plugins read files by the
+    same rule, pixel for pixel. Arrays and PIL images given to :func:`preprocess` directly are
+    taken at their stated scale instead (uint16 / 65535).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
     try:
         with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
             img.load()
-            return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{path}: not a readable image ({err}); pass a PNG or JPEG") from None
+    if img.mode in _HIGH_BIT_MODES:
+        return Image.fromarray(_stretch_to_uint8(np.asarray(img)))  # uint8 [H, W]: mode L
+    return img
 
 
 def _pil_to_array(img: Image.Image) -> np.ndarray:

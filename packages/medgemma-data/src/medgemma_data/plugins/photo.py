@@ -9,12 +9,12 @@ import numpy as np
 
 from ..sample import ImagePart, Location, Provenance, Sample
 from ..spec import Option, opt_bool
-from . import MAX_DETECT_PIXELS, PHOTO_SUFFIXES
+from . import IMAGE_SUFFIXES, MAX_DETECT_PIXELS
 
 
 def small_rgb(path: Path, side: int = 64) -> np.ndarray | None:
     """A ``side x side`` RGB preview for detectors, or ``None`` when not a colour photo."""
-    if not path.is_file() or path.suffix.lower() not in PHOTO_SUFFIXES:
+    if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
         return None
     from PIL import Image
 
@@ -52,17 +52,17 @@ def photo_options(pad_color: str) -> tuple[Option, ...]:
 def load_photo(path: Path, options: Mapping[str, str], name: str) -> list[Sample]:
     """One photograph -> one sample with one RGB image (EXIF orientation applied)."""
     from ..errors import InvalidInputError
-    from ..imaging import pad_to_square, parse_color, read_photo
+    from ..imaging import pad_to_square, parse_color, read_image
 
     if not path.is_file():
         raise InvalidInputError(f"{path} is not a file; the {name} modality reads one "
                                 "JPEG/PNG photograph")
     pad = opt_bool(options, "pad_square")
     color = parse_color(options["pad_color"])
-    image, orientation = read_photo(path)
-    meta: dict[str, object] = {"modality": name, "image_size": [image.shape[1], image.shape[0]]}
-    if orientation:
-        meta["exif_orientation"] = int(orientation)
+    image, facts = read_image(path)
+    meta: dict[str, object] = {"modality": name, "image_size": facts["image_size"]}
+    if "exif_orientation" in facts:
+        meta["exif_orientation"] = facts["exif_orientation"]
     if pad:
         image = pad_to_square(image, color)
     meta["padded"] = pad

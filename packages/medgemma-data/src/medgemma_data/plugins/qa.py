@@ -124,7 +124,7 @@ def _image_dir(path: Path, given: str) -> Path:
 
 def _vqa(path: Path, options: Mapping[str, str]) -> list[Sample]:
     from ..errors import InvalidInputError
-    from ..imaging import read_photo
+    from ..imaging import read_image
 
     data = json.loads(path.read_text(encoding="utf-8"))
     folder = _image_dir(path, options["images"])
@@ -142,7 +142,7 @@ def _vqa(path: Path, options: Mapping[str, str]) -> list[Sample]:
         if not image_path.is_file():
             raise InvalidInputError(f"{path}: item {i}: image {image_path} not found; pass "
                                     "--option images=FOLDER")
-        image, _ = read_photo(image_path)
+        image, _ = read_image(image_path)
         meta: dict[str, object] = {"dataset": dataset, "question_index": i}
         if isinstance(item.get("answer_type"), str):
             meta["answer_type"] = item["answer_type"]

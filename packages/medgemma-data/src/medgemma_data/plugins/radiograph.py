@@ -2,8 +2,10 @@
 
 DICOM: modality LUT (rescale), then the first VOI LUT or window when present (pydicom), a
 min-max stretch to 0..255, and MONOCHROME1 inverted (pydicom does not invert). Multi-frame
-objects keep their frames (evenly sampled) with ``FRAME k`` text after each. PNG/JPEG
-grayscale images are stretched the same way.
+objects keep their frames (evenly sampled) with ``FRAME k`` text after each. PNG/JPEG files
+are read as every package reads them (:func:`medgemma_data.imaging.read_image`: EXIF
+orientation, 16-bit grayscale min-max stretched to 8 bits), then made gray and stretched the
+same way.
 """
 
 from __future__ import annotations
@@ -98,25 +100,16 @@ def dicom_to_rgb(path: Path, *, apply_voi: bool = True, max_frames: int = 85
 
 
 def _image_file(path: Path) -> tuple[np.ndarray, dict[str, object]]:
-    from PIL import Image, ImageOps
+    """A PNG/JPEG read the shared way (:func:`~medgemma_data.imaging.read_image`: 16-bit
+    grayscale already stretched), then the radiograph rule: gray (mean of RGB), stretched."""
+    from ..imaging import gray_to_rgb, read_image, stretch
 
-    from ..errors import InvalidInputError
-    from ..imaging import gray_to_rgb, stretch
-
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            size = list(im.size)
-            mode = im.mode
-            arr = np.asarray(im)
-    except Exception as exc:
-        raise InvalidInputError(f"{path} is not a readable image ({exc}); check the file") \
-            from None
-    if arr.ndim == 3:
-        arr = arr[..., :3].mean(axis=2) if mode != "LA" else arr[..., 0]
-    meta = {"modality": "radiograph", "image_size": size,
-            "intensity_range": [float(arr.min()), float(arr.max())]}
-    return gray_to_rgb(stretch(arr)), meta
+    image, facts = read_image(path)
+    gray = image.mean(axis=2)
+    lo, hi = float(gray.min()), float(gray.max())
+    meta = {"modality": "radiograph", "image_size": facts["image_size"],
+            "intensity_range": facts.get("intensity_range", [lo, hi])}
+    return gray_to_rgb(stretch(gray)), meta
 
 
 def load(path: Path, options: Mapping[str, str]) -> list[Sample]:
