@@ -36,6 +36,17 @@ class Volume:
     header: object  # pydicom Dataset of the first file (read-only)
 
 
+def detect_volume(path: Path, modality: str) -> int:
+    """A detector score for volume plugins: 90 when ``path`` (a DICOM file, or a folder's
+    sniffed DICOM headers) is mostly of DICOM ``Modality`` ``modality`` (``"CT"``, ``"MR"``,
+    ...) and holds no slide, else 0."""
+    headers = dicom.sniff(path)
+    if not headers or any(dicom.is_wsi(ds) for ds in headers):
+        return 0
+    hits = sum(str(ds.get("Modality", "")).upper() == modality for ds in headers)
+    return 90 if hits * 2 > len(headers) else 0
+
+
 def dicom_files(path: Path) -> list[Path]:
     """The DICOM files of a folder (recursive, sorted) or ``[path]`` for a DICOM file."""
     if path.is_file():

@@ -55,19 +55,11 @@ def window_rgb(hu: np.ndarray, windows: tuple[tuple[float, float], ...]) -> np.n
     return np.stack([to_uint8(hu, lo, hi) for lo, hi in windows], axis=-1)
 
 
-def _detect_volume(path: Path, wanted: str) -> int:
-    from .. import dicom
-
-    headers = dicom.sniff(path)
-    if not headers or any(dicom.is_wsi(ds) for ds in headers):
-        return 0
-    hits = sum(str(ds.get("Modality", "")).upper() == wanted for ds in headers)
-    return 90 if hits * 2 > len(headers) else 0
-
-
 def detect(path: Path) -> int:
     """90 for a DICOM file or a folder whose images are mostly Modality CT."""
-    return _detect_volume(path, "CT")
+    from ..series import detect_volume
+
+    return detect_volume(path, "CT")
 
 
 def volume_samples(path: Path, options: Mapping[str, str], name: str, to_rgb) -> list[Sample]:  # noqa: ANN001

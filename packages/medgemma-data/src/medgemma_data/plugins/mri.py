@@ -12,14 +12,16 @@ from pathlib import Path
 from ..hookspecs import hookimpl
 from ..sample import Sample
 from ..spec import ModalitySpec, Option
-from .ct import _detect_volume, volume_samples
+from .ct import volume_samples
 
 NAME = "mri"
 
 
 def detect(path: Path) -> int:
     """90 for a DICOM file or a folder whose images are mostly Modality MR."""
-    return _detect_volume(path, "MR")
+    from ..series import detect_volume
+
+    return detect_volume(path, "MR")
 
 
 def load(path: Path, options: Mapping[str, str]) -> list[Sample]:
