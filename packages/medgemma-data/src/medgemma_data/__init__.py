@@ -5,7 +5,8 @@
     >>> samples[0].parts                                    # (ImagePart(uint8 [H, W, 3]),)
 
 Public API: :func:`load`, :func:`detect`, :func:`list_plugins`, :func:`plugin_problems`,
-the records :class:`Sample`, :class:`TextPart`, :class:`ImagePart`, :class:`Provenance`,
+:func:`to_messages` (samples -> chat messages, also ``Sample.to_messages``), the records
+:class:`Sample`, :class:`TextPart`, :class:`ImagePart`, :class:`Provenance`,
 :class:`Location`, and for plugin authors :class:`ModalitySpec`, :class:`Option` and
 :data:`hookimpl`.
 """
@@ -24,10 +25,11 @@ from .errors import (
     UnknownModalityError,
 )
 from .hookspecs import hookimpl
+from .messages import to_messages
 from .sample import ALLOWED_METADATA_KEYS, ImagePart, Location, Provenance, Sample, TextPart
 from .spec import ModalitySpec, Option, PluginInfo, PluginProblem
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ALLOWED_METADATA_KEYS",
@@ -54,4 +56,5 @@ __all__ = [
     "list_plugins",
     "load",
     "plugin_problems",
+    "to_messages",
 ]

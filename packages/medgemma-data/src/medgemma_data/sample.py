@@ -180,3 +180,16 @@ class Sample:
     def texts(self) -> list[str]:
         """The text parts, in order."""
         return [p.text for p in self.parts if isinstance(p, TextPart)]
+
+    def to_messages(self, question: str | None = None, *, answer: str | None = None,
+                    system: str | None = None, images: bool = True) -> list[dict]:
+        """This sample as chat messages: ``[system?, user, assistant?]``.
+
+        The user turn is ``question`` then the parts in order (images as
+        ``{"type": "image", "image": uint8 [H, W, 3]}``, texts such as ``SLICE k`` as
+        ``{"type": "text"}`` items); see :func:`medgemma_data.to_messages` (several samples,
+        ``images=False`` for text-only models).
+        """
+        from .messages import to_messages
+
+        return to_messages(self, question, answer=answer, system=system, images=images)
