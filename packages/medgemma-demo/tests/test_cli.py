@@ -43,3 +43,26 @@ def test_port_in_use_is_one_line_before_anything_loads():
         out = run("--port", str(busy.getsockname()[1]))
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "in use" in out.stderr and "--port" in out.stderr
+
+
+def test_help_is_plain_text(capsys):
+    """``medgemma-demo --help`` and each subcommand's help read as plain text: no reStructuredText
+    or Markdown markup (double or single backticks, :func: roles) from docstrings."""
+    import argparse
+    import re
+
+    import pytest
+
+    from medgemma_demo.cli import _parser, main
+
+    markup = re.compile(r"`|:(func|class|meth|mod|attr|obj|exc|ref|doc):")
+    subparsers = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = [[]] + [[name] for a in subparsers for name in a.choices]
+    assert len(commands) == 1
+    for command in commands:
+        with pytest.raises(SystemExit) as done:
+            main([*command, "--help"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: medgemma-demo"), command
+        assert not markup.search(out), (command, markup.search(out))

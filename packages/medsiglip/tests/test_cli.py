@@ -126,3 +126,26 @@ def test_resample_follows_preprocessor_config(hf_siglip_dir, hf_siglip, image_fi
     with torch.no_grad():
         ref = hf_siglip.get_image_features(pixel_values=pix).pooler_output[0]
     np.testing.assert_allclose(emb, (ref / ref.norm()).numpy(), atol=1e-4)
+
+
+def test_help_is_plain_text(capsys):
+    """``medsiglip --help`` and each subcommand's help read as plain text: no reStructuredText
+    or Markdown markup (double or single backticks, :func: roles) from docstrings."""
+    import argparse
+    import re
+
+    import pytest
+
+    from medsiglip.cli import _parser, main
+
+    markup = re.compile(r"`|:(func|class|meth|mod|attr|obj|exc|ref|doc):")
+    subparsers = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = [[]] + [[name] for a in subparsers for name in a.choices]
+    assert len(commands) == 4
+    for command in commands:
+        with pytest.raises(SystemExit) as done:
+            main([*command, "--help"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: medsiglip"), command
+        assert not markup.search(out), (command, markup.search(out))

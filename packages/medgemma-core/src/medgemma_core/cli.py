@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+DESCRIPTION = "Generate from (or chat with) a Gemma 3 / MedGemma checkpoint."  # --help: plain text
 EPILOG = """\
 examples:
   medgemma generate --prompt "The heart has four chambers:"          (embedded 270M model)
@@ -20,7 +21,7 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medgemma", description=__doc__, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="medgemma", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--out", required=True, help="output folder (new or empty)")
         c.add_argument("--modality", help="modality name (default: detected)")
         c.add_argument("--option", action="append", metavar="NAME=VALUE",
-                       help="a plugin option, repeatable (see `plugins` for each's options)")
+                       help="a plugin option, repeatable (medgemma-data plugins lists each "
+                            "plugin's options)")
         c.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
