@@ -83,12 +83,20 @@ def _packages() -> dict[str, Path]:
     return found
 
 
+def _meta(dist: str) -> dict:
+    """The ``[project]`` table of ``dist``'s pyproject.toml."""
+    return tomllib.loads((_packages()[dist] / "pyproject.toml").read_text())["project"]
+
+
+def _req_name(req: str) -> str:
+    return re.split(r"[ <>=!~;\[]", req, maxsplit=1)[0].strip().lower()
+
+
 def _local_deps(dist: str, seen: list[str] | None = None) -> list[str]:
     """Sibling packages ``dist`` depends on, dependencies first."""
     seen = [] if seen is None else seen
-    meta = tomllib.loads((_packages()[dist] / "pyproject.toml").read_text())["project"]
-    for req in meta.get("dependencies", []):
-        name = re.split(r"[ <>=!~;\[]", req, maxsplit=1)[0].strip().lower()
+    for req in _meta(dist).get("dependencies", []):
+        name = _req_name(req)
         if name in _packages() and name not in seen:
             _local_deps(name, seen)
             seen.append(name)
@@ -119,9 +127,18 @@ def _steps(session: nox.Session, steps: list[tuple[str, list[str]]]) -> None:
         session.install(*args, silent=False)
 
 
+def _wants_torch(dists: list[str], extra: str | None) -> bool:
+    """Whether installing ``dists`` (with ``extra``) and their sibling dependencies pulls torch."""
+    reqs = [r for d in dists for r in _meta(d).get("optional-dependencies", {}).get(extra, [])]
+    reqs += [r for d in {*dists, *(x for d in dists for x in _local_deps(d))}
+             for r in _meta(d).get("dependencies", [])]
+    return any(_req_name(r) == "torch" for r in reqs)
+
+
 def _install(session: nox.Session, dists: list[str], extra: str | None = "test") -> None:
     # torch comes from the CPU wheel on disk; pin it before anything can pull a CUDA build.
-    steps = [("torch (CPU wheel)", ["torch==2.13.0"])]
+    # Sessions whose packages do not need it (medgemma-data, examples) do without.
+    steps = [("torch (CPU wheel)", ["torch==2.13.0"])] if _wants_torch(dists, extra) else []
     for dist in dists:
         for dep in _local_deps(dist):
             if all(label != dep for label, _ in steps):
