@@ -90,7 +90,7 @@ def test_several_samples_keep_their_order():
 
 def test_without_images_the_slice_labels_go_too():
     report = Sample((ImagePart(_image(3)), TextPart("FRAME 1"), TextPart("Cine loop, 2 frames"),
-                     ImagePart(_image(4)), TextPart("frame 2")), "us",
+                     ImagePart(_image(4)), TextPart("frame 2 (t = 0.04 s)")), "us",
                     Provenance("u.dcm", (Location("u.dcm", frame=0), Location("u.dcm", frame=1))))
     got = report.to_messages(question="Describe.", images=False)
     assert got == [{"role": "user", "content": "Describe.\n\nCine loop, 2 frames"}]

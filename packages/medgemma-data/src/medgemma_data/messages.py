@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 from .sample import ImagePart, Sample, TextPart
 
-#: Text parts that only label the image before them (``SLICE 3``, ``FRAME 12``); without
-#: their images (``images=False``) they mean nothing and are left out too.
-IMAGE_LABEL = re.compile(r"(SLICE|FRAME) \d+", re.IGNORECASE)
+#: Text parts that label the image before them (``SLICE 3``, ``FRAME 12 (t = 0.40 s)``);
+#: without their images (``images=False``) they mean nothing and are left out too.
+IMAGE_LABEL = re.compile(r"(SLICE|FRAME) \d+\b", re.IGNORECASE)
 
 
 def to_messages(samples: Sample | Sequence[Sample], question: str | None = None, *,
@@ -51,7 +51,7 @@ def to_messages(samples: Sample | Sequence[Sample], question: str | None = None,
                 if images:
                     items.append({"type": "image", "image": part.image})
             elif isinstance(part, TextPart) and part.text.strip():
-                if images or not IMAGE_LABEL.fullmatch(part.text.strip()):
+                if images or not IMAGE_LABEL.match(part.text.strip()):
                     items.append({"type": "text", "text": part.text})
     content: str | list[dict] = items
     if not any(item["type"] == "image" for item in items):
