@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import textwrap
 import types
 
@@ -43,7 +44,8 @@ def test_builtins_are_plugins_of_medgemma_data():
     assert BUILTIN_NAMES <= set(infos)
     assert set(BUILTINS) == BUILTIN_NAMES
     for name in BUILTIN_NAMES:
-        assert infos[name].distribution == "medgemma-data" and infos[name].version == "0.1.0"
+        assert infos[name].distribution == "medgemma-data"
+        assert infos[name].version == importlib.metadata.version("medgemma-data")
         assert infos[name].claims and infos[name].description
     assert md.plugin_problems() == []
 
@@ -69,7 +71,8 @@ def test_two_distributions_claiming_one_name_are_both_named(tmp_path, monkeypatc
     with pytest.raises(md.PluginConflictError) as info:
         md.load(pydicom_file("CT_small.dcm"), modality="ct")
     msg = str(info.value)
-    assert "medgemma-data 0.1.0" in msg and "medgemma-ct-plus 1.0" in msg
+    assert f"medgemma-data {importlib.metadata.version('medgemma-data')}" in msg
+    assert "medgemma-ct-plus 1.0" in msg
     assert "MEDGEMMA_DATA_DISABLE_PLUGINS" in msg
     assert "ct" not in {i.name for i in md.list_plugins()}
     assert any("medgemma-ct-plus" in p.distribution for p in md.plugin_problems())
