@@ -47,7 +47,12 @@ def _python() -> str | None:
     the first of ``SUPPORTED`` on ``PATH``, else ``"3.11"``, which nox then reports as not found."""
     if sys.version_info >= (3, 11):  # noqa: UP036 - nox itself may run under 3.10
         return None
-    return next((v for v in SUPPORTED if shutil.which(f"python{v}")), SUPPORTED[0])
+    found = next((v for v in SUPPORTED if shutil.which(f"python{v}")), None)
+    if found is None:
+        print(f"noxfile: nox runs under Python {sys.version.split()[0]} and none of python"
+              f"{', python'.join(SUPPORTED)} is on PATH; install Python 3.11 or later "
+              "(or run nox under one: python3.12 -m nox)", file=sys.stderr)
+    return found or SUPPORTED[0]
 
 
 PYTHON = _python()
@@ -57,6 +62,8 @@ nox.options.reuse_existing_virtualenvs = True
 # A missing interpreter fails the run: a skip would exit 0 with no test run.
 nox.options.error_on_missing_interpreters = True
 nox.options.download_python = "never"
+# Reuse a venv only if it was made by the interpreter chosen now (nox skips this check by default).
+os.environ.setdefault("NOX_ENABLE_STALENESS_CHECK", "1")
 
 
 def _pruned(func):
