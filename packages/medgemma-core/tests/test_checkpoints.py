@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from medgemma_core.checkpoints import CheckpointError, load_decoder, save_decoder
 from medgemma_core.config import Gemma3Config
+from medsiglip import weights
 
 CFG = Gemma3Config.tiny(num_layers=3, vocab_size=300)
 
@@ -76,6 +77,28 @@ def test_orbax_round_trip(tmp_path, folder):
     assert again.config == model.config
     a, _ = again(_ids())
     np.testing.assert_allclose(np.asarray(a), _ref(ref, _ids()), atol=1e-4, rtol=1e-4)
+    meta = json.loads((tmp_path / "orbax" / weights.META).read_text())
+    assert (meta["kind"], meta["dtype"]) == ("gemma3_text", "float32")
+    assert load_decoder(tmp_path / "orbax", dtype="bfloat16").embedding[...].dtype == "bfloat16"
+
+
+def test_orbax_folders_of_other_kinds_and_layouts(tmp_path):
+    """One error class (medsiglip's), a clear line for a SigLIP folder and for the layout that
+    medgemma-core 0.1 wrote (medgemma.json + params/)."""
+    from flax import nnx
+
+    import medsiglip
+
+    assert CheckpointError is medsiglip.CheckpointError is weights.CheckpointError
+    tower = medsiglip.VisionTower(medsiglip.SiglipVisionConfig.tiny(), rngs=nnx.Rngs(0))
+    medsiglip.save_checkpoint(tower, tmp_path / "siglip")
+    with pytest.raises(CheckpointError, match="'vision' model, not a Gemma 3 text decoder"):
+        load_decoder(tmp_path / "siglip")
+    old = tmp_path / "old"
+    (old / "params").mkdir(parents=True)
+    (old / "medgemma.json").write_text(json.dumps({"kind": "gemma3_text", "config": {}}))
+    with pytest.raises(CheckpointError, match="medgemma-core 0.1.*save it again"):
+        load_decoder(old)
 
 
 def _copy(src, dst):

@@ -11,6 +11,7 @@ from hf_helpers import save_tiny_causal_lm
 
 from medgemma_core.checkpoints import CheckpointError, load_decoder
 from medgemma_core.config import Gemma3Config
+from medsiglip.weights import META
 
 CFG = Gemma3Config.tiny(num_layers=7, vocab_size=300)
 _LLAMA_CPP = {  # HF suffix -> llama.cpp name, as llama.cpp's converter writes gemma3 files
@@ -100,9 +101,15 @@ def test_conversion_cache_reuses_the_same_weights(tiny_gguf, tmp_path, monkeypat
     folder, _ = tiny_gguf
     first = load_decoder(folder / "tiny-q8.gguf")
     (entry,) = list(tmp_path.iterdir())
-    assert (entry / "medgemma.json").exists()
+    assert (entry / META).exists()
     second = load_decoder(folder / "tiny-q8.gguf")  # from the cache
     np.testing.assert_array_equal(np.asarray(first(_ids())[0]), np.asarray(second(_ids())[0]))
+    # An entry in an older layout (medgemma-core 0.1 wrote medgemma.json) is converted again.
+    (entry / META).unlink()
+    (entry / "medgemma.json").write_text('{"kind": "gemma3_text", "config": {}}')
+    third = load_decoder(folder / "tiny-q8.gguf")
+    assert (entry / META).exists() and not (entry / "medgemma.json").exists()
+    np.testing.assert_array_equal(np.asarray(first(_ids())[0]), np.asarray(third(_ids())[0]))
 
 
 def test_truncated_gguf_names_the_file(tiny_gguf, tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ import transformers
 from flax import nnx
 
 import medsiglip
-from medsiglip import SiglipConfig, SiglipModel, SiglipVisionConfig, VisionTower, param_count
+from medsiglip import SiglipConfig, SiglipModel, SiglipVisionConfig, VisionTower
+from medsiglip.weights import abstract_module, param_count
 
 
 def _torch_count(model: torch.nn.Module) -> int:
@@ -42,7 +43,7 @@ def test_896_preset_is_medgemmas_tower():
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size) == (
         1152, 27, 16, 4304)
     assert cfg.num_patches == 4096 and not cfg.use_head
-    abstract = medsiglip.abstract_module(lambda rngs: VisionTower(cfg, rngs=rngs))
+    abstract = abstract_module(lambda rngs: VisionTower(cfg, rngs=rngs))
     graphdef, state = nnx.split(abstract)
     out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
                          jax.ShapeDtypeStruct((2, 896, 896, 3), jnp.float32))
@@ -70,7 +71,7 @@ def test_config_errors():
 
 
 def test_vision_tower_rejects_wrong_layout():
-    tower = medsiglip.abstract_module(
+    tower = abstract_module(
         lambda rngs: VisionTower(SiglipVisionConfig.tiny(), rngs=rngs))
     graphdef, state = nnx.split(tower)
 
@@ -90,3 +91,17 @@ def test_public_interface_names():
     for name in ("SiglipVisionConfig", "VisionTower", "load_vision_tower_from_tensors",
                  "preprocess", "SiglipTokenizer", "MedSigLIP", "resize_position_embedding"):
         assert hasattr(medsiglip, name)
+
+
+def test_exports_are_the_readmes_stable_list():
+    """``__all__`` is exactly the names README.md's "The stable interface" table lists."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## The stable interface", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    listed = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    assert listed == set(medsiglip.__all__)
+    assert all(hasattr(medsiglip, name) for name in medsiglip.__all__)
+    assert medsiglip.CheckpointError is medsiglip.weights.CheckpointError

@@ -10,7 +10,9 @@ from conftest import TINY, jit_call, nchw, pixels, vision_hf_model
 from safetensors.torch import save_file
 
 import medsiglip
-from medsiglip import SiglipVisionConfig
+from medsiglip import CheckpointError, SiglipVisionConfig
+from medsiglip.checkpoints.convert import VISION_PREFIXES
+from medsiglip.weights import MappingSource
 
 TEXTS = ["A chest X-ray, showing PNEUMONIA!", "normal chest radiograph", "",
          "the patient has a left pleural effusion " * 6]
@@ -71,9 +73,9 @@ def test_vision_model_parity(tmp_path, use_head):
             tower.pooled(x)
 
 
-@pytest.mark.parametrize("prefix", list(medsiglip.VISION_PREFIXES))
+@pytest.mark.parametrize("prefix", list(VISION_PREFIXES))
 def test_every_prefix_from_tensors(prefix):
-    """The Gemma 3 layouts: a callable source, one tensor read at a time, each exactly once."""
+    """The Gemma 3 layouts: a lazy TensorSource, one tensor read at a time, each exactly once."""
     cfg = SiglipVisionConfig.tiny(use_head=False)
     hf = vision_hf_model(cfg, seed=4)
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
@@ -81,11 +83,12 @@ def test_every_prefix_from_tensors(prefix):
     store["language_model.model.embed_tokens.weight"] = np.zeros((4, 4), np.float32)
     reads: list[str] = []
 
-    def read(name: str) -> np.ndarray:
-        reads.append(name)
-        return store[name]
+    class Counting(MappingSource):
+        def get(self, name: str) -> np.ndarray:
+            reads.append(name)
+            return super().get(name)
 
-    tower = medsiglip.load_vision_tower_from_tensors(cfg, read, store.keys())
+    tower = medsiglip.load_vision_tower_from_tensors(cfg, Counting(store))
     assert sorted(reads) == sorted(prefix + k for k in sd)  # each read once, nothing else
     x = pixels(1, cfg.image_size, seed=2)
     with torch.no_grad():
@@ -120,16 +123,16 @@ def test_missing_and_mismatched_tensors_are_named():
     store = {"vision_model." + k: v.numpy() for k, v in hf.state_dict().items()}
     missing = dict(store)
     del missing["vision_model.head.attention.in_proj_weight"]
-    with pytest.raises(KeyError, match="vision_model.head.attention.in_proj_weight"):
+    with pytest.raises(CheckpointError, match="vision_model.head.attention.in_proj_weight"):
         medsiglip.load_vision_tower_from_tensors(cfg, missing)
     bad = dict(store)
     bad["vision_model.encoder.layers.1.mlp.fc1.weight"] = np.zeros((3, 3), np.float32)
-    with pytest.raises(ValueError, match=r"encoder\.layers\.1\.mlp\.fc1\.weight"):
+    with pytest.raises(CheckpointError, match=r"encoder\.layers\.1\.mlp\.fc1\.weight"):
         medsiglip.load_vision_tower_from_tensors(cfg, bad)
     deeper = cfg.replace(num_layers=3)
-    with pytest.raises(KeyError, match="encoder.layers.2"):
+    with pytest.raises(CheckpointError, match="encoder.layers.2"):
         medsiglip.load_vision_tower_from_tensors(deeper, store)
-    with pytest.raises(KeyError, match="no vision tower found"):
+    with pytest.raises(CheckpointError, match="no vision tower found"):
         medsiglip.load_vision_tower_from_tensors(cfg, {"x.weight": np.zeros(2)})
 
 
@@ -138,7 +141,7 @@ def test_position_grid_mismatch_and_resize(tmp_path):
     hf = vision_hf_model(cfg, seed=6)
     store = {"vision_model." + k: v.numpy() for k, v in hf.state_dict().items()}
     bigger = cfg.replace(image_size=64)  # 8x8 grid
-    with pytest.raises(ValueError, match=r"4x4 position grid.*resize_positions=True"):
+    with pytest.raises(CheckpointError, match=r"4x4 position grid.*resize_positions=True"):
         medsiglip.load_vision_tower_from_tensors(bigger, store)
     tower = medsiglip.load_vision_tower_from_tensors(bigger, store, resize_positions=True)
     table = store["vision_model.embeddings.position_embedding.weight"]

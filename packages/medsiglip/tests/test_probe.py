@@ -8,7 +8,8 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax
 from scipy.stats import mannwhitneyu
 
-from medsiglip import fit_linear_probe, roc_auc
+from medsiglip import fit_linear_probe
+from medsiglip.probe import roc_auc
 
 
 def test_auc_hand_computed_and_mann_whitney():

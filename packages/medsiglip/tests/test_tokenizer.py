@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import transformers
 
-from medsiglip import SiglipTokenizer, canonicalize
+from medsiglip import SiglipTokenizer
+from medsiglip.tokenizer import canonicalize
 
 TEXTS = [
     "A Chest X-Ray, showing PNEUMONIA!!",

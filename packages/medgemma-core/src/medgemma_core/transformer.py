@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from medsiglip import weights
+
 from .attention import Attention, AttnInputs
 from .config import Gemma3Config
 from .layers import FeedForward, RMSNorm, pin_to, rope_inv_freq, vocab_projection
@@ -143,7 +145,5 @@ def _advance_ring(ring: jax.Array, qidx: jax.Array) -> jax.Array:
 
 
 def param_count(cfg: Gemma3Config) -> int:
-    """Number of parameters, from shapes only (``jax.eval_shape``: no memory used)."""
-    model = nnx.eval_shape(lambda: Gemma3(cfg, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+    """Number of parameters, from shapes only (no memory used)."""
+    return weights.param_count(lambda rngs: Gemma3(cfg, rngs=rngs))

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medsiglip.checkpoints.hf import CheckpointError, load_siglip
-from medsiglip.checkpoints.orbax_io import is_orbax_checkpoint, restore_checkpoint
+from medsiglip.checkpoints.hf import load_siglip
+from medsiglip.checkpoints.orbax_io import restore_checkpoint
 from medsiglip.model import SiglipModel, l2_normalize
 from medsiglip.preprocess import ImageLike, Resample, preprocess
 from medsiglip.tokenizer import SiglipTokenizer, find_tokenizer_file
+from medsiglip.weights import CheckpointError, is_saved
 
 
 def _compile(model: nnx.Module, fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
@@ -82,7 +83,7 @@ class MedSigLIP:
             resample = _processor_resample(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such checkpoint folder")
-        if is_orbax_checkpoint(path):
+        if is_saved(path):
             model = restore_checkpoint(path)
             if not isinstance(model, SiglipModel):
                 raise CheckpointError(f"{path} holds a vision tower only; a two-tower SigLIP "

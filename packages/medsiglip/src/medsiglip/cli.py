@@ -163,7 +163,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from medsiglip.checkpoints.hf import CheckpointError
+    from medsiglip.weights import CheckpointError
 
     try:
         result = _run(args)

@@ -1,4 +1,9 @@
-"""Checkpoint loading: Hugging Face folders, GGUF files, Orbax folders of our own."""
+"""Checkpoint loading: Hugging Face folders, GGUF files, Orbax folders of our own.
+
+The weights machinery (tensor sources, ``fill``, abstract modules, the Orbax folder layout,
+:class:`CheckpointError`) is medsiglip's :mod:`medsiglip.weights`; what is here is Gemma's:
+the name tables (:mod:`.names`), GGUF (:mod:`.gguf_file`) and the config mapping.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,27 @@ import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
-from flax import nnx
+
+from medsiglip import weights
+from medsiglip.weights import (
+    CheckpointError,
+    SafetensorsSource,
+    TensorSource,
+    abstract_module,
+    fill,
+    read_hf_config,
+)
 
 from ..config import Gemma3Config
 from ..transformer import Gemma3
-from . import orbax_io
-from .build import CheckpointError, TensorSource, fill
 from .gguf_file import GGUFSource
-from .hf import SafetensorsSource, read_config
 from .names import TEXT_PREFIXES, find_prefix, text_specs
 
 __all__ = ["CheckpointError", "TensorSource", "load_decoder", "save_decoder", "resolve_dtype",
            "text_source"]
+
+
+KIND = "gemma3_text"
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -45,7 +59,7 @@ def text_source(path: str | Path) -> tuple[TensorSource, Gemma3Config, str]:
                 f"medgemma-core, or a .gguf file")
         src = GGUFSource(path)
         return src, src.config(), ""
-    raw = read_config(path)
+    raw = read_hf_config(path)
     src = SafetensorsSource(path)
     prefix = find_prefix(src.names(), TEXT_PREFIXES)
     if prefix is None:
@@ -63,20 +77,24 @@ def load_decoder(path: str | Path, *, dtype="float32") -> Gemma3:
     """Load the Gemma 3 text decoder from a HF folder, a GGUF file or an Orbax folder."""
     dtype = resolve_dtype(dtype)
     path = Path(path)
-    if path.is_dir() and orbax_io.is_orbax(path):
-        meta = orbax_io.read_meta(path)
+    if path.is_dir() and weights.is_saved(path):
+        meta = weights.read_meta(path)
+        if meta["kind"] != KIND:
+            raise CheckpointError(
+                f"{path}: holds a {meta['kind']!r} model, not a Gemma 3 text decoder; load it "
+                f"with the loader of that kind (medgemma_core.load for image-text models)")
         cfg = Gemma3Config.from_hf_dict(meta["config"])
-        abstract = nnx.eval_shape(lambda: Gemma3(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-        return orbax_io.restore(abstract, path)
+        abstract = abstract_module(lambda rngs: Gemma3(cfg, dtype=dtype, rngs=rngs))
+        return weights.restore(abstract, path)
     cached = _conversion_cache(path, dtype)
-    if cached is not None and orbax_io.is_orbax(cached):
+    if cached is not None and weights.is_saved(cached):
         try:
             return load_decoder(cached, dtype=dtype)
         except CheckpointError:
             shutil.rmtree(cached, ignore_errors=True)  # stale or partial: convert again
     src, cfg, prefix = text_source(path)
-    abstract = nnx.eval_shape(lambda: Gemma3(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    model = fill(abstract, src, text_specs(cfg), prefix, dtype, describe=os.fspath(path))
+    abstract = abstract_module(lambda rngs: Gemma3(cfg, dtype=dtype, rngs=rngs))
+    model = fill(abstract, src, text_specs(cfg, prefix))
     if cached is not None:
         try:
             save_decoder(model, cached)
@@ -95,10 +113,12 @@ def _conversion_cache(path: Path, dtype) -> Path | None:
         return None
     root = Path(setting) if setting else Path.home() / ".cache" / "medgemma" / "converted"
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{jnp.dtype(dtype).name}|1"
+    # the last field is the cache layout: 2 = medsiglip.weights' folders (1 held medgemma.json)
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{jnp.dtype(dtype).name}|2"
     return root / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
 
 def save_decoder(model: Gemma3, folder: str | Path) -> Path:
-    """Save with Orbax (restorable by :func:`load_decoder`)."""
-    return orbax_io.save(model, folder, config=model.config.to_hf_dict(), kind="gemma3_text")
+    """Save with Orbax (restorable by :func:`load_decoder`), replacing what ``folder`` holds."""
+    return weights.save(model, folder, kind=KIND, config=model.config.to_hf_dict(),
+                        overwrite=True)

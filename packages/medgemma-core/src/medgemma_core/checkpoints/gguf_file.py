@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from medsiglip.weights import CheckpointError
+
 from ..config import Gemma3Config, _pattern
-from .build import CheckpointError
 from .gguf_index import GGUFIndex
 
 _LAYER = {
@@ -38,7 +39,8 @@ def _hf_name(gguf_name: str) -> str | None:
 
 
 class GGUFSource:
-    """Tensors of a gemma3 GGUF file under Hugging Face names."""
+    """Tensors of a gemma3 GGUF file under Hugging Face names (a
+    :class:`medsiglip.weights.TensorSource`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

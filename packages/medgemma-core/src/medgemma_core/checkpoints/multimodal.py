@@ -10,25 +10,30 @@ medsiglip's prefixes, and the projector::
     [model.]multi_modal_projector.mm_input_projection_weight         [Dv, D]  (no transpose)
 
 Tensors are read into fresh buffers, one at a time, converted and cast before the next
-(:class:`~.hf.SafetensorsSource`): memory-mapped reads would leave every page of the file
-resident in this process (counted in its RSS) until the file is closed, doubling the peak for a
-4B model.
+(:class:`medsiglip.weights.SafetensorsSource` and ``fill``): memory-mapped reads would leave
+every page of the file resident in this process (counted in its RSS) until the file is closed,
+doubling the peak for a 4B model.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
+from medsiglip import load_vision_tower_from_tensors, weights
+from medsiglip.weights import (
+    CheckpointError,
+    SafetensorsSource,
+    TensorSpec,
+    abstract_module,
+    fill,
+    read_hf_config,
+)
 
 from ..multimodal import Gemma3Multimodal, MultimodalConfig
-from . import orbax_io, resolve_dtype
-from .build import CheckpointError, fill
-from .hf import SafetensorsSource, read_config
-from .names import TEXT_PREFIXES, TensorSpec, find_prefix, text_specs
+from . import resolve_dtype
+from .names import TEXT_PREFIXES, find_prefix, text_specs
 
 __all__ = ["KIND", "PROJECTOR_PREFIXES", "is_multimodal", "load_multimodal",
            "read_multimodal_config", "save_multimodal"]
@@ -44,8 +49,11 @@ def is_multimodal(path: str | Path) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    if orbax_io.is_orbax(path):
-        return orbax_io.read_meta(path).get("kind") == KIND
+    if weights.is_saved(path):
+        try:
+            return weights.read_meta(path)["kind"] == KIND
+        except CheckpointError:
+            pass  # an older layout: decided by config.json; the loader says what to do
     cfg = path / "config.json"
     if not cfg.is_file():
         return False
@@ -57,17 +65,17 @@ def is_multimodal(path: str | Path) -> bool:
 
 def read_multimodal_config(path: str | Path) -> MultimodalConfig:
     path = Path(path)
-    raw = orbax_io.read_meta(path)["config"] if orbax_io.is_orbax(path) else read_config(path)
+    raw = weights.read_meta(path)["config"] if weights.is_saved(path) else read_hf_config(path)
     try:
         return MultimodalConfig.from_hf_dict(raw)
     except ValueError as exc:
         raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
 
 
-def _projector_specs(cfg: MultimodalConfig) -> list[TensorSpec]:
+def _projector_specs(cfg: MultimodalConfig, prefix: str) -> list[TensorSpec]:
     dv, d = cfg.vision.hidden_size, cfg.text.hidden_size
-    return [TensorSpec(_NORM, ("norm", "scale"), (dv,), lambda x: x),
-            TensorSpec(_PROJ, ("weight",), (dv, d), lambda x: x)]
+    return [TensorSpec(("norm", "scale"), prefix + _NORM, (dv,)),
+            TensorSpec(("weight",), prefix + _PROJ, (dv, d))]
 
 
 def load_multimodal(path: str | Path, *, dtype: Any = "float32") -> Gemma3Multimodal:
@@ -75,30 +83,23 @@ def load_multimodal(path: str | Path, *, dtype: Any = "float32") -> Gemma3Multim
     dtype = resolve_dtype(dtype)
     path = Path(path)
     cfg = read_multimodal_config(path)
-    abstract = nnx.eval_shape(lambda: Gemma3Multimodal(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    if orbax_io.is_orbax(path):
-        return orbax_io.restore(abstract, path)
-    import medsiglip
-
+    abstract = abstract_module(lambda rngs: Gemma3Multimodal(cfg, dtype=dtype, rngs=rngs))
+    if weights.is_saved(path):
+        return weights.restore(abstract, path)
     src = SafetensorsSource(path)
     names = src.names()
-    describe = os.fspath(path)
     prefix = find_prefix(names, TEXT_PREFIXES)
     if prefix is None:
         raise CheckpointError(f"{path}: no Gemma 3 text weights (embed_tokens.weight) found; is "
                               f"this a Gemma 3 image-text checkpoint?")
-    decoder = fill(abstract.decoder, src, text_specs(cfg.text), prefix, dtype, describe)
+    decoder = fill(abstract.decoder, src, text_specs(cfg.text, prefix))
     pprefix = find_prefix(names, PROJECTOR_PREFIXES, anchor=_PROJ)
     if pprefix is None:
-        raise CheckpointError(f"{describe}: tensor 'multi_modal_projector.{_PROJ}' is missing "
+        raise CheckpointError(f"{path}: tensor 'multi_modal_projector.{_PROJ}' is missing "
                               f"(looked under {', '.join(PROJECTOR_PREFIXES)}); the checkpoint "
                               f"is incomplete, re-download it")
-    try:
-        vision = medsiglip.load_vision_tower_from_tensors(cfg.vision, src, names, dtype=dtype)
-    except (KeyError, ValueError) as exc:
-        msg = exc.args[0] if exc.args else exc
-        raise CheckpointError(f"{describe}: vision tower: {msg}") from None
-    projector = fill(abstract.projector, src, _projector_specs(cfg), pprefix, dtype, describe)
+    vision = load_vision_tower_from_tensors(cfg.vision, src, dtype=dtype)
+    projector = fill(abstract.projector, src, _projector_specs(cfg, pprefix))
     model = abstract
     model.decoder, model.vision, model.projector = decoder, vision, projector
     return model
@@ -107,7 +108,8 @@ def load_multimodal(path: str | Path, *, dtype: Any = "float32") -> Gemma3Multim
 def save_multimodal(model: Gemma3Multimodal, folder: str | Path, *, tokenizer: Any = None) -> Path:
     """Save the whole image-text model with Orbax (restorable by :func:`load_multimodal` and
     ``medgemma_core.load``); with ``tokenizer``, its ``tokenizer.model`` and added tokens too."""
-    folder = orbax_io.save(model, folder, config=model.config.to_hf_dict(), kind=KIND)
+    folder = weights.save(model, folder, kind=KIND, config=model.config.to_hf_dict(),
+                          overwrite=True)
     # config.json too, so that Processor.from_checkpoint(folder) reads the sizes
     (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=1))
     if tokenizer is not None:

@@ -6,9 +6,9 @@ q [D, H, Hd], k/v [D, K, Hd], o [H, Hd, D], gate/up [D, F], down [F, D].
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+
+from medsiglip.weights import TensorSpec
 
 from ..config import Gemma3Config
 
@@ -16,28 +16,18 @@ from ..config import Gemma3Config
 TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.", "")
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """One checkpoint tensor: its name (without prefix), our state path, the stored shape it
-    must have, and the function turning the stored array into ours."""
-
-    name: str
-    path: tuple[Any, ...]
-    shape: tuple[int, ...]
-    convert: Callable[[Any], Any]
-
-
-def _ident(x):
-    return x
-
-
-def text_specs(cfg: Gemma3Config) -> list[TensorSpec]:
-    """Specs of every decoder tensor, in Hugging Face naming (prefix removed)."""
+def text_specs(cfg: Gemma3Config, prefix: str = "") -> list[TensorSpec]:
+    """Specs (:class:`medsiglip.weights.TensorSpec`) of every decoder parameter: its tensor in
+    Hugging Face naming under ``prefix``, stored shape and conversion."""
     d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                       cfg.num_kv_heads, cfg.head_dim)
+
+    def spec(name, path, shape, convert=_ident):
+        return TensorSpec(path, prefix + name, shape, convert)
+
     specs = [
-        TensorSpec("embed_tokens.weight", ("embedding",), (cfg.vocab_size, d), _ident),
-        TensorSpec("norm.weight", ("final_norm", "scale"), (d,), _ident),
+        spec("embed_tokens.weight", ("embedding",), (cfg.vocab_size, d)),
+        spec("norm.weight", ("final_norm", "scale"), (d,)),
     ]
     norms = {"input_layernorm": "pre_attn_norm", "post_attention_layernorm": "post_attn_norm",
              "pre_feedforward_layernorm": "pre_ffw_norm",
@@ -45,25 +35,29 @@ def text_specs(cfg: Gemma3Config) -> list[TensorSpec]:
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         for hf, ours in norms.items():
-            specs.append(TensorSpec(p + hf + ".weight", ("layers", i, ours, "scale"), (d,), _ident))
+            specs.append(spec(p + hf + ".weight", ("layers", i, ours, "scale"), (d,)))
         specs += [
-            TensorSpec(p + "self_attn.q_proj.weight", ("layers", i, "attn", "q"), (h * hd, d),
-                       lambda w, h=h: w.T.reshape(d, h, hd)),
-            TensorSpec(p + "self_attn.k_proj.weight", ("layers", i, "attn", "k"), (k * hd, d),
-                       lambda w, k=k: w.T.reshape(d, k, hd)),
-            TensorSpec(p + "self_attn.v_proj.weight", ("layers", i, "attn", "v"), (k * hd, d),
-                       lambda w, k=k: w.T.reshape(d, k, hd)),
-            TensorSpec(p + "self_attn.o_proj.weight", ("layers", i, "attn", "o"), (d, h * hd),
-                       lambda w, h=h: w.T.reshape(h, hd, d)),
-            TensorSpec(p + "self_attn.q_norm.weight", ("layers", i, "attn", "q_norm", "scale"),
-                       (hd,), _ident),
-            TensorSpec(p + "self_attn.k_norm.weight", ("layers", i, "attn", "k_norm", "scale"),
-                       (hd,), _ident),
-            TensorSpec(p + "mlp.gate_proj.weight", ("layers", i, "mlp", "gate"), (f, d), _t),
-            TensorSpec(p + "mlp.up_proj.weight", ("layers", i, "mlp", "up"), (f, d), _t),
-            TensorSpec(p + "mlp.down_proj.weight", ("layers", i, "mlp", "down"), (d, f), _t),
+            spec(p + "self_attn.q_proj.weight", ("layers", i, "attn", "q"), (h * hd, d),
+                 lambda w, h=h: w.T.reshape(d, h, hd)),
+            spec(p + "self_attn.k_proj.weight", ("layers", i, "attn", "k"), (k * hd, d),
+                 lambda w, k=k: w.T.reshape(d, k, hd)),
+            spec(p + "self_attn.v_proj.weight", ("layers", i, "attn", "v"), (k * hd, d),
+                 lambda w, k=k: w.T.reshape(d, k, hd)),
+            spec(p + "self_attn.o_proj.weight", ("layers", i, "attn", "o"), (d, h * hd),
+                 lambda w, h=h: w.T.reshape(h, hd, d)),
+            spec(p + "self_attn.q_norm.weight", ("layers", i, "attn", "q_norm", "scale"),
+                 (hd,)),
+            spec(p + "self_attn.k_norm.weight", ("layers", i, "attn", "k_norm", "scale"),
+                 (hd,)),
+            spec(p + "mlp.gate_proj.weight", ("layers", i, "mlp", "gate"), (f, d), _t),
+            spec(p + "mlp.up_proj.weight", ("layers", i, "mlp", "up"), (f, d), _t),
+            spec(p + "mlp.down_proj.weight", ("layers", i, "mlp", "down"), (d, f), _t),
         ]
     return specs
+
+
+def _ident(x):
+    return x
 
 
 def _t(w):
