@@ -14,7 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy.stats import rankdata
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x [N]``, ties sharing the mean of their ranks."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]  # each run of equal values is [start, end)
+    mean_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -25,7 +36,7 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUC needs both positive and negative examples")
-    ranks = rankdata(scores)
+    ranks = _average_ranks(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
