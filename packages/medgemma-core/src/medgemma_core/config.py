@@ -109,15 +109,16 @@ class Gemma3Config:
         kw.update(overrides)
         return cls._preset(**kw)
 
-    PRESETS = ("270m", "1b", "4b", "12b", "27b", "tiny")
+    # preset name -> the classmethod that builds it; PRESETS lists the names
+    _PRESET_METHODS = {"270m": "gemma3_270m", "1b": "gemma3_1b", "4b": "gemma3_4b",
+                       "12b": "gemma3_12b", "27b": "gemma3_27b", "tiny": "tiny"}
+    PRESETS = tuple(_PRESET_METHODS)
 
     @classmethod
     def preset(cls, name: str) -> Gemma3Config:
-        table = {"270m": cls.gemma3_270m, "1b": cls.gemma3_1b, "4b": cls.gemma3_4b,
-                 "12b": cls.gemma3_12b, "27b": cls.gemma3_27b, "tiny": cls.tiny}
-        if name not in table:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
-        return table[name]()
+        if name not in cls._PRESET_METHODS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return getattr(cls, cls._PRESET_METHODS[name])()
 
     # ---- Hugging Face ------------------------------------------------------------------------
     @classmethod
