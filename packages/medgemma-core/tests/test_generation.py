@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from medgemma_core.config import Gemma3Config
-from medgemma_core.generate import Engine, bucket
-from medgemma_core.sampling import Sampling, select
-from medgemma_core.transformer import Gemma3, KVCache
+from medgemma_core import Engine, Gemma3, Gemma3Config, KVCache, Sampling
+from medgemma_core.generate import bucket
+from medgemma_core.sampling import select
 
 CFG = Gemma3Config.tiny(vocab_size=128)
 
@@ -70,6 +69,64 @@ def test_stream_equals_generate_and_ignore_eos_counts(engine):
         for r, ids in zip(rows, piece):
             r.extend(ids)
     assert rows == whole.token_ids
+
+
+def test_step_api_equals_generate(engine):
+    """start (prefill) + decode in two steps gives what generate gives, and stops at the limit."""
+    prompts = [[2, 7, 8, 9], [2, 3, 4, 5, 6, 7]]
+    whole = engine.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    state = engine.start(prompts, max_new_tokens=12, ignore_eos=True)
+    assert state.step == 1 and state.prompt_tokens == (4, 6)
+    state = engine.decode(state, 5)
+    assert state.step == 5
+    state = engine.decode(state, 100)  # capped at max_new_tokens
+    assert state.step == 12
+    assert np.asarray(state.tokens)[:, :12].tolist() == whole.token_ids
+
+
+def test_context_length_counts_the_prompt_and_the_new_tokens():
+    """A 40-token prompt fits a 64-position model alone, and with 24 new tokens (64), but not
+    with 25: the error names both numbers and the limit."""
+    model = Gemma3(Gemma3Config.tiny(vocab_size=128, max_position_embeddings=64),
+                   rngs=nnx.Rngs(4))
+    eng = Engine(model, stop_ids=(), pad_id=0)
+    prompt = [[2] + list(range(3, 42))]
+    assert len(prompt[0]) == 40
+    assert len(eng.generate(prompt, max_new_tokens=24).token_ids[0]) == 24
+    with pytest.raises(ValueError, match="40 tokens \\+ max_new_tokens=25 exceed the model's "
+                                         "context length of 64"):
+        eng.generate(prompt, max_new_tokens=25)
+    with pytest.raises(ValueError, match="context length of 64"):
+        next(eng.stream([[2] * 70], max_new_tokens=1))
+
+
+def test_compilation_cache_is_the_applications_choice(tmp_path):
+    """Building an engine leaves JAX's persistent cache alone; enable_compilation_cache turns it
+    on (MEDGEMMA_JAX_CACHE=0 keeps it off)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, jax\n"
+        "from flax import nnx\n"
+        "from medgemma_core import Engine, Gemma3, Gemma3Config, enable_compilation_cache\n"
+        "Engine(Gemma3(Gemma3Config.tiny(vocab_size=128), rngs=nnx.Rngs(0)))\n"
+        "print('engine', jax.config.jax_compilation_cache_dir)\n"
+        "enable_compilation_cache(sys.argv[1])\n"
+        "print('enabled', jax.config.jax_compilation_cache_dir)\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("MEDGEMMA_JAX_CACHE", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["engine None", f"enabled {tmp_path / 'c'}"]
+    env["MEDGEMMA_JAX_CACHE"] = "0"
+    off = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert off.stdout.split("\n")[:2] == ["engine None", "enabled None"], off.stderr[-2000:]
 
 
 def test_stops_on_eos_and_end_of_turn():

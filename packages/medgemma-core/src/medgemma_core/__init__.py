@@ -33,8 +33,26 @@ XLA_CPU_FLAG_LATE = False
 _cpu_scheduler_flag()
 
 from .api import Completion, MedGemma, default_checkpoint, load  # noqa: E402
+from .checkpoints import CheckpointError, load_decoder, save_decoder  # noqa: E402
+from .checkpoints.multimodal import load_multimodal, save_multimodal  # noqa: E402
 from .config import Gemma3Config  # noqa: E402
+from .generate import DecodeState, Engine, Generation, enable_compilation_cache  # noqa: E402
+from .multimodal import Gemma3Multimodal, MultimodalConfig  # noqa: E402
+from .processor import Processed, Processor, ProcessorConfig, TrainingBatch  # noqa: E402
 from .sampling import Sampling  # noqa: E402
+from .tokenizer import Tokenizer  # noqa: E402
+from .transformer import Gemma3, KVCache  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Completion", "Gemma3Config", "MedGemma", "Sampling", "default_checkpoint", "load"]
+__all__ = [
+    # loading and generation
+    "Completion", "MedGemma", "Sampling", "default_checkpoint", "load",
+    # the models and their configs
+    "Gemma3", "Gemma3Config", "Gemma3Multimodal", "KVCache", "MultimodalConfig",
+    # text and images in
+    "Processed", "Processor", "ProcessorConfig", "Tokenizer", "TrainingBatch",
+    # the engine under MedGemma
+    "DecodeState", "Engine", "Generation", "enable_compilation_cache",
+    # checkpoints (Hugging Face folders, GGUF, Orbax)
+    "CheckpointError", "load_decoder", "load_multimodal", "save_decoder", "save_multimodal",
+]

@@ -3,6 +3,15 @@
 Prompts of a batch are left-padded to a common bucketed length, so a new prompt length does
 not mean a new compile. The decode loop is a ``lax.while_loop``: no Python runs per token.
 Streaming runs the same compiled loop a few tokens at a time.
+
+The step API drives that loop directly (what :meth:`Engine.stream` does, and benchmarks use)::
+
+    state = engine.start(prompts, max_new_tokens=64)    # prefill: the first token of each row
+    state = engine.decode(state, 64)                      # the loop, up to 64 tokens in all
+    state.tokens                                          # [B, N] produced ids (pad after stop)
+
+JAX's persistent compilation cache is not switched on here: that is the application's choice
+(:func:`enable_compilation_cache`, which the ``medgemma`` command calls).
 """
 
 from __future__ import annotations
@@ -28,8 +37,11 @@ PROMPT_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
-    """Turn on JAX's persistent compilation cache (on by default; MEDGEMMA_JAX_CACHE=0 turns
-    it off, MEDGEMMA_JAX_CACHE=DIR moves it)."""
+    """Turn on JAX's persistent compilation cache, so that the next process skips compiling
+    (``~/.cache/medgemma/jax``; ``path`` or MEDGEMMA_JAX_CACHE=DIR moves it,
+    MEDGEMMA_JAX_CACHE=0 keeps it off). Applications opt in: the ``medgemma`` command and the
+    demo call this once; loading a model never does. A cache folder already configured in JAX
+    is left as it is."""
     env = os.environ.get("MEDGEMMA_JAX_CACHE")
     if env == "0" or jax.config.jax_compilation_cache_dir:
         return
@@ -70,11 +82,37 @@ class _LoopState:
     step: jax.Array  # () number of tokens produced so far
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """A generation in progress: made by :meth:`Engine.start`, advanced by
+    :meth:`Engine.decode` (which consumes it: its buffers are donated to the next state).
+
+    ``tokens [B, N]`` holds the ids produced so far (``N >= max_new_tokens``, pad after a row
+    stopped); ``step`` counts them; ``prompt_tokens`` are the prompt lengths."""
+
+    carry: _LoopState
+    key: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+    sampling: Sampling
+    stops: tuple[int, ...]
+    max_new_tokens: int
+    prompt_tokens: tuple[int, ...]
+
+    @property
+    def tokens(self) -> jax.Array:
+        return self.carry.out
+
+    @property
+    def step(self) -> int:
+        """Tokens produced per row so far (waits for the device)."""
+        return int(self.carry.step)
+
+
 class Engine:
     """Generation over a loaded :class:`Gemma3` (or anything with the same call signature)."""
 
     def __init__(self, model: Gemma3, *, stop_ids: Sequence[int] = (1, 106), pad_id: int = 0):
-        enable_compilation_cache()
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self.stop_ids = tuple(int(s) for s in stop_ids)
@@ -114,13 +152,24 @@ class Engine:
         return jax.lax.while_loop(cond, body, loop)
 
     # ---- driver ---------------------------------------------------------------------------
-    def _start(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling,
-               stops, embeddings=None, image_id=None):
+    def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+              sampling: Sampling = Sampling(), ignore_eos: bool = False,
+              embeddings: jax.Array | None = None, image_id: jax.Array | None = None
+              ) -> DecodeState:
+        """Prefill a batch of token-id prompts (any lengths; left-padded to a bucket) and pick
+        each row's first token. ``embeddings [B, T0, D]`` / ``image_id [B, T0]``: the decoder
+        input of right-aligned prompts (``T0`` the longest), for prompts with images."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         lengths = [len(p) for p in prompts]
+        context = self.config.max_position_embeddings
+        if max(lengths) + max_new_tokens > context:
+            raise ValueError(
+                f"a prompt of {max(lengths)} tokens + max_new_tokens={max_new_tokens} exceed the "
+                f"model's context length of {context} tokens; shorten the prompt or lower "
+                f"max_new_tokens")
         t = bucket(max(lengths))
         tokens = np.full((len(prompts), t), self.pad_id, np.int32)
         start = np.array([t - n for n in lengths], np.int32)
@@ -131,29 +180,37 @@ class Engine:
             embeddings = jnp.pad(embeddings, ((0, 0), (pad, 0), (0, 0)))
             image_id = jnp.pad(image_id, ((0, 0), (pad, 0)))
         max_new = bucket(max_new_tokens, tuple(2**i for i in range(4, 18)))
-        cache_len = t + max_new
-        if cache_len > self.config.max_position_embeddings + t:
-            raise ValueError("prompt + max_new_tokens exceed the model's context length")
+        stops = () if ignore_eos else self.stop_ids
         key = jax.random.key(sampling.seed)
         temp = jnp.float32(max(sampling.temperature, 1e-6))
         top_p = jnp.float32(sampling.top_p)
-        loop = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(start), embeddings,
-                             image_id, key, temp, top_p, cache_len=cache_len, max_new=max_new,
-                             skey=sampling.static_key(), stops=stops)
-        return loop, key, temp, top_p, lengths
+        carry = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(start), embeddings,
+                              image_id, key, temp, top_p, cache_len=t + max_new, max_new=max_new,
+                              skey=sampling.static_key(), stops=stops)
+        return DecodeState(carry, key, temp, top_p, sampling, stops, max_new_tokens,
+                           tuple(lengths))
+
+    def decode(self, state: DecodeState, limit: int) -> DecodeState:
+        """Run the compiled decode loop until ``limit`` tokens per row are produced (at most
+        ``max_new_tokens``) or every row has stopped. ``state`` is consumed."""
+        limit = jnp.int32(min(int(limit), state.max_new_tokens))
+        carry = self._decode(self.state, state.carry, limit, state.key, state.temperature,
+                             state.top_p, skey=state.sampling.static_key(), stops=state.stops)
+        return dataclasses.replace(state, carry=carry)
 
     def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
                sampling: Sampling = Sampling(), chunk: int = 4, ignore_eos: bool = False,
-               embeddings=None, image_id=None) -> Iterator[list[list[int]]]:
+               embeddings: jax.Array | None = None, image_id: jax.Array | None = None
+               ) -> Iterator[list[list[int]]]:
         """Yield, chunk by chunk, the new tokens of each row (empty once a row stopped)."""
-        stops = () if ignore_eos else self.stop_ids
-        loop, key, temp, top_p, _ = self._start(prompts, max_new_tokens, sampling, stops,
-                                                embeddings, image_id)
+        state = self.start(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                           ignore_eos=ignore_eos, embeddings=embeddings, image_id=image_id)
+        stops = state.stops
         emitted = 0
         finished = [False] * len(prompts)
         while True:
-            produced = min(int(loop.step), max_new_tokens)
-            out = np.asarray(loop.out[:, emitted:produced])
+            produced = min(state.step, max_new_tokens)
+            out = np.asarray(state.tokens[:, emitted:produced])
             piece = []
             for r, row in enumerate(out.tolist()):
                 ids: list[int] = []
@@ -167,13 +224,12 @@ class Engine:
             emitted = produced
             if produced >= max_new_tokens or all(finished):
                 return
-            limit = jnp.int32(min(produced + chunk, max_new_tokens))
-            loop = self._decode(self.state, loop, limit, key, temp, top_p,
-                                skey=sampling.static_key(), stops=stops)
+            state = self.decode(state, produced + chunk)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
                  sampling: Sampling = Sampling(), ignore_eos: bool = False,
-                 embeddings=None, image_id=None) -> Generation:
+                 embeddings: jax.Array | None = None, image_id: jax.Array | None = None
+                 ) -> Generation:
         """Generate for a batch of token-id prompts (of any lengths) in one compiled loop."""
         rows: list[list[int]] = [[] for _ in prompts]
         for piece in self.stream(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
