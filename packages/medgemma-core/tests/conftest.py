@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from medgemma_core import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()  # as the medgemma command does: compiled programs kept between runs
 
 
 @pytest.fixture(scope="session")
@@ -54,23 +57,15 @@ def hf_folder_reference(gemma_tokenizer, tmp_path_factory):
     save from the GGUF, with the tokens a Gemma 3 multimodal checkpoint adds (``<image_soft_token>``
     = 262144), written out as a Hugging Face folder (tokenizer.json, tokenizer_config.json,
     tokenizer.model)."""
-    from transformers import GemmaTokenizer
+    from medgemma_core.testing import save_tokenizer_files
 
-    spm_dir = tmp_path_factory.mktemp("spm")
-    gemma_tokenizer.save(spm_dir)
-    ref = GemmaTokenizer.from_pretrained(
-        str(spm_dir), add_bos_token=True,
-        extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
-                              "eoi_token": "<end_of_image>"})
     folder = tmp_path_factory.mktemp("hf")
-    ref.save_pretrained(str(folder))
-    shutil.copy(spm_dir / "tokenizer.model", folder / "tokenizer.model")
-    return ref, folder
+    return save_tokenizer_files(folder, gemma_tokenizer), folder
 
 
 @pytest.fixture(scope="session")
 def hf_folder_tokenizer(hf_folder_reference):
     """Our tokenizer of that Hugging Face folder."""
-    from medgemma_core.tokenizer import Tokenizer
+    from medgemma_core import Tokenizer
 
     return Tokenizer.from_checkpoint(hf_folder_reference[1])

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_helpers import save_tiny_causal_lm
 
-from medgemma_core.checkpoints import load_decoder
-from medgemma_core.config import Gemma3Config
+from medgemma_core import Engine, Gemma3Config, load_decoder
+from medgemma_core.testing import save_tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +75,6 @@ def _hf_greedy(ref, rows, n):
 
 
 def test_greedy_generation_matches_transformers_batched(tiny):
-    from medgemma_core.generate import Engine
-
     cfg, folder, ref = tiny
     engine = Engine(load_decoder(folder))
     rng = np.random.default_rng(2)

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from mm_helpers import IMAGE_SIZE, MM_TOKENS, random_images, reference_processor
 from PIL import Image
 
 from medgemma_core.chat import format_chat
@@ -16,6 +15,7 @@ from medgemma_core.processor import (
     ProcessorConfig,
     pan_and_scan_boxes,
 )
+from medgemma_core.testing import IMAGE_SIZE, MM_TOKENS, random_images, reference_processor
 
 
 @pytest.fixture(scope="module")

