@@ -1,11 +1,11 @@
 """The Gemma 3 chat format against the checkpoints' own Jinja chat template, rendered by
-transformers, and image expansion against transformers' Gemma3Processor."""
+transformers, and image expansion (the processor's) against transformers' Gemma3Processor."""
 
 from __future__ import annotations
 
 import pytest
 
-from medgemma_core.chat import expand_image_tokens, format_chat, split_thinking
+from medgemma_core.chat import format_chat, split_thinking
 
 # The chat template Gemma 3 / MedGemma instruction-tuned checkpoints ship (tokenizer_config.json
 # "chat_template"; the same text as `_CHAT_TEMPLATE` in transformers'
@@ -136,12 +136,15 @@ def test_alternation_error_names_the_rule():
         format_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
-def test_expand_image_tokens_matches_gemma3_processor(hf_folder_reference, hf_folder_tokenizer):
-    """Our chat string, image expansion and tokenizer == transformers' Gemma3Processor."""
+def test_image_expansion_matches_gemma3_processor(hf_folder_reference, hf_folder_tokenizer):
+    """Our chat string, the processor's image expansion and the tokenizer == transformers'
+    Gemma3Processor."""
     np = pytest.importorskip("numpy")
     image = pytest.importorskip("PIL.Image")  # the processor's image half needs Pillow
     from transformers import Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from medgemma_core import Processor, ProcessorConfig
 
     ref_tok, _ = hf_folder_reference
     processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(), tokenizer=ref_tok,
@@ -149,19 +152,25 @@ def test_expand_image_tokens_matches_gemma3_processor(hf_folder_reference, hf_fo
     prompt = format_chat(CONVERSATIONS["images"])
     pixels = image.fromarray(np.zeros((32, 32, 3), np.uint8))
     ref = processor(text=prompt, images=[pixels] * 3, add_special_tokens=False)["input_ids"][0]
-    expanded = expand_image_tokens(prompt, 256)
-    ours = hf_folder_tokenizer.encode(expanded)
+    ours_processor = Processor(hf_folder_tokenizer, ProcessorConfig(mm_tokens_per_image=256))
+    ours = ours_processor.process_text(prompt, [np.zeros((32, 32, 3), np.uint8)] * 3).input_ids
     assert ours == list(ref)
     assert ours.count(262144) == 3 * 256 and ours.count(255999) == ours.count(256000) == 3
 
 
-def test_expand_image_tokens_layout():
-    text = expand_image_tokens("a<start_of_image>b", 3)
-    assert text == ("a\n\n<start_of_image><image_soft_token><image_soft_token><image_soft_token>"
-                    "<end_of_image>\n\nb")
-    assert expand_image_tokens("no images", 256) == "no images"
+def test_image_expansion_layout(hf_folder_tokenizer):
+    import numpy as np
+
+    from medgemma_core import Processor, ProcessorConfig
+
+    tok = hf_folder_tokenizer
+    proc = Processor(tok, ProcessorConfig(image_size=28, mm_tokens_per_image=3))
+    got = proc.process_text("a<start_of_image>b", [np.zeros((8, 8), np.uint8)]).input_ids
+    assert got == tok.encode("a\n\n<start_of_image><image_soft_token><image_soft_token>"
+                             "<image_soft_token><end_of_image>\n\nb")
+    assert proc.process_text("no images").input_ids == tok.encode("no images")
     with pytest.raises(ValueError, match="positive"):
-        expand_image_tokens("x", 0)
+        ProcessorConfig(mm_tokens_per_image=0)
 
 
 def test_split_thinking_on_decoded_ids(gemma_tokenizer):

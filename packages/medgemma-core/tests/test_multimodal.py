@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from mm_helpers import MM_TOKENS, random_images, reference_processor, save_tiny_mm
 
+from medgemma_core import Sampling, load
 from medgemma_core.checkpoints.hf import SafetensorsSource
 from medgemma_core.checkpoints.multimodal import (
     is_multimodal,
@@ -20,6 +20,7 @@ from medgemma_core.checkpoints.multimodal import (
 )
 from medgemma_core.multimodal import MultimodalConfig, Projector, image_blocks
 from medgemma_core.processor import Processor
+from medgemma_core.testing import MM_TOKENS, random_images, reference_processor, save_tiny_mm
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +89,6 @@ def test_bidirectional_image_blocks_matter(tiny_mm, ours, processor):
 
 
 def test_greedy_generation_matches_transformers(tiny_mm, hf_folder_tokenizer):
-    from medgemma_core import load
-    from medgemma_core.sampling import Sampling
-
     folder, ref, ref_proc = tiny_mm
     model = load(folder)
     assert model.is_multimodal
@@ -122,9 +120,6 @@ def _ref_greedy(ref, p, n: int) -> list[int]:
 def test_batch_of_conversations_matches_transformers_one_by_one(tiny_mm):
     """Three conversations of different lengths (1 image, 2 images, none) in one batch: each
     answer equals transformers' greedy answer to that conversation alone."""
-    from medgemma_core import load
-    from medgemma_core.sampling import Sampling
-
     folder, ref, _ = tiny_mm
     model = load(folder)
     conversations = [
@@ -140,6 +135,36 @@ def test_batch_of_conversations_matches_transformers_one_by_one(tiny_mm):
     for got, p in zip(done, prompts):
         assert got.prompt_tokens == len(p.input_ids)
         assert got.token_ids == _ref_greedy(ref, p, 12)
+
+
+def test_image_token_from_config_when_the_tokenizer_files_lack_it(tiny_mm, tmp_path,
+                                                                   gemma_tokenizer):
+    """A folder whose tokenizer files (tokenizer.model alone) lack <image_soft_token> takes its
+    id from config.json (image_token_index), as the model does, and answers as transformers;
+    with neither, loading is one clear error."""
+    import shutil
+
+    folder, ref, _ = tiny_mm
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in folder.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, bare / f.name)
+    gemma_tokenizer.save(bare)
+    assert gemma_tokenizer.image_token_id is None
+    model = load(bare)
+    assert model.tokenizer.image_token_id == 262144 == ref.config.image_token_id
+    messages = _messages(random_images(13, [(70, 90)]))
+    p = model.multimodal.processor(messages)
+    assert p.input_ids.count(262144) == MM_TOKENS
+    done = model.chat_completion(messages, max_new_tokens=6, sampling=Sampling(),
+                                 ignore_eos=True)
+    assert done.token_ids == _ref_greedy(ref, p, 6)
+    cfg = json.loads((bare / "config.json").read_text())
+    del cfg["image_token_index"]
+    (bare / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="image_token_index"):
+        Processor.from_checkpoint(bare)
 
 
 def test_projector_matches_transformers(tiny_mm, ours):
@@ -196,8 +221,6 @@ def test_4b_shapes_match_transformers_param_count():
 
 
 def test_orbax_round_trip_and_load(tiny_mm, ours, processor, tmp_path, hf_folder_tokenizer):
-    from medgemma_core import load
-
     folder = save_multimodal(ours, tmp_path / "orbax", tokenizer=hf_folder_tokenizer)
     assert is_multimodal(folder)
     back = load_multimodal(folder)
@@ -301,9 +324,7 @@ def test_projector_pools_row_major():
 
 
 def test_cli_image_prompt_first_then_images(tiny_mm, tmp_path, capsys):
-    from medgemma_core import load
     from medgemma_core.cli import main
-    from medgemma_core.sampling import Sampling
 
     folder = tiny_mm[0]
     files = []

@@ -68,7 +68,9 @@ def test_chat_answers_and_passes_settings(client, model):
     sent = model.calls[-1]
     assert sent == [{"role": "system", "content": "Be brief."},
                     {"role": "user", "content": "What is a pneumothorax?"}]
-    assert model.kwargs[-1] == {"max_new_tokens": 12, "temperature": 0.5}
+    from medgemma_core import Sampling
+
+    assert model.kwargs[-1] == {"max_new_tokens": 12, "sampling": Sampling(temperature=0.5)}
     assert answer == "seen 2 messages and 0 images "
 
 

@@ -39,6 +39,7 @@ from .config import Gemma3Config  # noqa: E402
 from .generate import DecodeState, Engine, Generation, enable_compilation_cache  # noqa: E402
 from .multimodal import Gemma3Multimodal, MultimodalConfig  # noqa: E402
 from .processor import Processed, Processor, ProcessorConfig, TrainingBatch  # noqa: E402
+from .prompts import PromptEncoder, Prompts  # noqa: E402
 from .sampling import Sampling  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 from .transformer import Gemma3, KVCache  # noqa: E402
@@ -52,7 +53,7 @@ __all__ = [
     # text and images in
     "Processed", "Processor", "ProcessorConfig", "Tokenizer", "TrainingBatch",
     # the engine under MedGemma
-    "DecodeState", "Engine", "Generation", "enable_compilation_cache",
+    "DecodeState", "Engine", "Generation", "PromptEncoder", "Prompts", "enable_compilation_cache",
     # checkpoints (Hugging Face folders, GGUF, Orbax)
     "CheckpointError", "load_decoder", "load_multimodal", "save_decoder", "save_multimodal",
 ]

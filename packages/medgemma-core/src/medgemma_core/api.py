@@ -1,9 +1,10 @@
 """The Python API: load a checkpoint, then generate, stream or chat.
 
-    from medgemma_core import load
+    from medgemma_core import Sampling, load
     model = load("path/to/medgemma-4b-it")          # or a .gguf file; None = embedded default
     print(model.chat([{"role": "user", "content": "What is a pneumothorax?"}]))
-    for piece in model.chat_stream(messages, max_new_tokens=128):
+    for piece in model.chat_stream(messages, max_new_tokens=128,
+                                   sampling=Sampling(temperature=0.7, seed=1)):
         print(piece, end="", flush=True)
 """
 
@@ -11,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from .chat import format_chat, split_thinking
 from .checkpoints import CheckpointError, load_decoder
+from .config import Gemma3Config
 from .generate import Engine
+from .prompts import PromptEncoder, Prompts
 from .sampling import Sampling
 from .tokenizer import Tokenizer
 
@@ -51,11 +54,16 @@ class Completion:
 
 
 class MedGemma:
-    """A loaded model with its tokenizer. Text-only checkpoints (Gemma3ForCausalLM, GGUF) and,
-    where the checkpoint has a vision tower, the image-text model."""
+    """A loaded model with its tokenizer: text-only checkpoints (Gemma3ForCausalLM, GGUF) and,
+    where the checkpoint has a vision tower, the image-text model (``multimodal``: the
+    :class:`~medgemma_core.prompts.PromptEncoder` that turns images into the decoder's input).
+
+    Every method turns its input into :class:`~medgemma_core.prompts.Prompts` and then runs
+    one of two paths over the engine: :meth:`_stream` (text pieces) or :meth:`_complete`
+    (whole answers of a batch)."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, *, name: str = "",
-                 multimodal: Any = None):
+                 multimodal: PromptEncoder | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.name = name
@@ -66,7 +74,8 @@ class MedGemma:
         return self.multimodal is not None
 
     @property
-    def config(self):
+    def config(self) -> Gemma3Config:
+        """The decoder's config."""
         return self.engine.config
 
     # ---- prompts --------------------------------------------------------------------------
@@ -80,29 +89,83 @@ class MedGemma:
             raise ValueError("a system prompt needs the chat template (chat=True / --chat)")
         return self.tokenizer.encode(prompt, add_bos=True)
 
-    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+    def _check_images(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        if self.is_multimodal:
+            return
         for m in messages:
             content = m.get("content")
             if isinstance(content, list) and any(i.get("type") == "image" for i in content):
-                if not self.is_multimodal:
-                    raise ValueError(
-                        f"{self.name or 'this model'} is text-only; load a MedGemma image-text "
-                        f"checkpoint (e.g. medgemma-4b-it) to ask about images")
-        if self.is_multimodal:  # each image expanded to its soft tokens
+                raise ValueError(
+                    f"{self.name or 'this model'} is text-only; load a MedGemma image-text "
+                    f"checkpoint (e.g. medgemma-4b-it) to ask about images")
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """The ids of a conversation in the chat template (each image expanded to its soft
+        tokens on image-text models)."""
+        self._check_images(messages)
+        if self.multimodal is not None:
             return list(self.multimodal.processor(messages).input_ids)
         return self.tokenizer.encode(format_chat(messages), add_bos=False)
 
-    # ---- generation ------------------------------------------------------------------------
-    def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
-                     sampling: Sampling = Sampling(), ignore_eos: bool = False) -> list[Completion]:
-        result = self.engine.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                                      ignore_eos=ignore_eos)
+    def chat_prompts(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> Prompts:
+        """Conversations -> :class:`Prompts` for the engine (with images: their embeddings)."""
+        for messages in conversations:
+            self._check_images(messages)
+        if self.multimodal is not None:
+            return self.multimodal(conversations, pad_id=self.engine.pad_id)
+        return Prompts([self.encode_chat(m) for m in conversations])
+
+    # ---- the two paths over the engine -----------------------------------------------------
+    def _stream(self, prompts: Prompts, *, max_new_tokens: int, sampling: Sampling,
+                chunk: int, ignore_eos: bool) -> Iterator[str]:
+        """Text pieces of the answer to one prompt (stop tokens not shown)."""
+        decoder = self.tokenizer.stream_decoder()
+        stops = set(self.engine.stop_ids)
+        for piece in self.engine.stream(prompts.ids, max_new_tokens=max_new_tokens,
+                                        sampling=sampling, chunk=chunk, ignore_eos=ignore_eos,
+                                        embeddings=prompts.embeddings, image_id=prompts.image_id):
+            text = "".join(decoder.feed(t) for t in piece[0] if ignore_eos or t not in stops)
+            if text:
+                yield text
+        if tail := decoder.flush():
+            yield tail
+
+    def _complete(self, prompts: Prompts, *, max_new_tokens: int, sampling: Sampling,
+                  ignore_eos: bool) -> list[Completion]:
+        """Whole answers to a batch of prompts, in one compiled prefill and decode loop."""
+        result = self.engine.generate(prompts.ids, max_new_tokens=max_new_tokens,
+                                      sampling=sampling, ignore_eos=ignore_eos,
+                                      embeddings=prompts.embeddings, image_id=prompts.image_id)
         return [self._completion(ids, n, stopped) for ids, n, stopped
                 in zip(result.token_ids, result.prompt_tokens, result.stopped)]
 
+    def _completion(self, ids: list[int], n: int, stopped: bool) -> Completion:
+        text = self.tokenizer.decode([i for i in ids if i not in self.engine.stop_ids]
+                                     if stopped else ids)
+        thought, answer = split_thinking(text)
+        return Completion(answer if thought is not None else text, ids, n, stopped, thought)
+
+    # ---- generation from text or ids -------------------------------------------------------
+    def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+                     sampling: Sampling = Sampling(), ignore_eos: bool = False) -> list[Completion]:
+        """Answers to a batch of token-id prompts (any lengths)."""
+        return self._complete(Prompts([list(p) for p in prompts]), max_new_tokens=max_new_tokens,
+                              sampling=sampling, ignore_eos=ignore_eos)
+
+    @overload
+    def generate(self, prompt: str, *, chat: bool = ..., system: str | None = ...,
+                 max_new_tokens: int = ..., sampling: Sampling = ...,
+                 ignore_eos: bool = ...) -> Completion: ...
+
+    @overload
+    def generate(self, prompt: Sequence[str], *, chat: bool = ..., system: str | None = ...,
+                 max_new_tokens: int = ..., sampling: Sampling = ...,
+                 ignore_eos: bool = ...) -> list[Completion]: ...
+
     def generate(self, prompt: str | Sequence[str], *, chat: bool = False,
                  system: str | None = None, max_new_tokens: int = 256,
-                 sampling: Sampling = Sampling(), ignore_eos: bool = False):
+                 sampling: Sampling = Sampling(), ignore_eos: bool = False
+                 ) -> Completion | list[Completion]:
         """One prompt -> a :class:`Completion`; a list of prompts -> a list (one batch)."""
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
@@ -115,48 +178,42 @@ class MedGemma:
                    sampling: Sampling = Sampling(), ignore_eos: bool = False,
                    chunk: int = 4) -> Iterator[str]:
         """Text pieces as they are generated (stop tokens not shown). Close the iterator to stop."""
-        decoder = self.tokenizer.stream_decoder()
-        stops = set(self.engine.stop_ids)
-        for piece in self.engine.stream([list(ids)], max_new_tokens=max_new_tokens,
-                                        sampling=sampling, chunk=chunk, ignore_eos=ignore_eos):
-            text = "".join(decoder.feed(t) for t in piece[0] if ignore_eos or t not in stops)
-            if text:
-                yield text
-        if tail := decoder.flush():
-            yield tail
+        yield from self._stream(Prompts([list(ids)]), max_new_tokens=max_new_tokens,
+                            sampling=sampling, chunk=chunk, ignore_eos=ignore_eos)
 
     def stream(self, prompt: str, *, chat: bool = False, system: str | None = None,
-               **kw: Any) -> Iterator[str]:
-        return self.stream_ids(self.encode_prompt(prompt, chat=chat, system=system), **kw)
+               max_new_tokens: int = 256, sampling: Sampling = Sampling(),
+               ignore_eos: bool = False, chunk: int = 4) -> Iterator[str]:
+        """Text pieces of the continuation of ``prompt`` (or, with ``chat``, the answer)."""
+        yield from self.stream_ids(self.encode_prompt(prompt, chat=chat, system=system),
+                               max_new_tokens=max_new_tokens, sampling=sampling,
+                               ignore_eos=ignore_eos, chunk=chunk)
 
-    def chat(self, messages: Sequence[dict], **kw: Any) -> str:
+    # ---- chat -------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 256,
+             sampling: Sampling = Sampling(), ignore_eos: bool = False) -> str:
         """The answer to a list of chat messages (roles system / user / assistant)."""
-        return "".join(self.chat_stream(messages, **kw))
+        return "".join(self.chat_stream(messages, max_new_tokens=max_new_tokens,
+                                        sampling=sampling, ignore_eos=ignore_eos))
 
-    def chat_stream(self, messages: Sequence[dict], *, max_new_tokens: int = 256,
-                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    seed: int = 0, chunk: int = 4, sampling: Sampling | None = None,
-                    ignore_eos: bool = False) -> Iterator[str]:
+    def chat_stream(self, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 256,
+                    sampling: Sampling = Sampling(), ignore_eos: bool = False,
+                    chunk: int = 4) -> Iterator[str]:
         """Text pieces of the answer to chat messages; content items may be images
-        (``{"type": "image", "image": path | PIL image | array}``) on image-text models."""
-        if sampling is None:
-            sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        if self.is_multimodal:
-            kw = {"ignore_eos": True} if ignore_eos else {}
-            yield from self.multimodal.chat_stream(self, messages, max_new_tokens=max_new_tokens,
-                                                   sampling=sampling, chunk=chunk, **kw)
-            return
-        yield from self.stream_ids(self.encode_chat(messages), max_new_tokens=max_new_tokens,
-                                   sampling=sampling, chunk=chunk, ignore_eos=ignore_eos)
+        (``{"type": "image", "image": path | PIL image | array}``) on image-text models.
+        Nothing runs (not even the prompt's checks) until the first piece is asked for."""
+        yield from self._stream(self.chat_prompts([messages]), max_new_tokens=max_new_tokens,
+                            sampling=sampling, chunk=chunk, ignore_eos=ignore_eos)
 
-    def chat_completion(self, messages: Sequence[dict], *, max_new_tokens: int = 256,
-                        sampling: Sampling = Sampling(), ignore_eos: bool = False) -> Completion:
+    def chat_completion(self, messages: Sequence[Mapping[str, Any]], *,
+                        max_new_tokens: int = 256, sampling: Sampling = Sampling(),
+                        ignore_eos: bool = False) -> Completion:
         """The answer to chat messages (with images on image-text models) as a
         :class:`Completion` (text, generated ids, prompt length, thought)."""
         return self.chat_completions([messages], max_new_tokens=max_new_tokens,
                                      sampling=sampling, ignore_eos=ignore_eos)[0]
 
-    def chat_completions(self, conversations: Sequence[Sequence[dict]], *,
+    def chat_completions(self, conversations: Sequence[Sequence[Mapping[str, Any]]], *,
                          max_new_tokens: int = 256, sampling: Sampling = Sampling(),
                          ignore_eos: bool = False) -> list[Completion]:
         """Answers to several conversations in one batch (one compiled prefill and decode loop):
@@ -164,19 +221,8 @@ class MedGemma:
         one conversation at a time, up to float rounding."""
         if not conversations:
             return []
-        if not self.is_multimodal:
-            return self.generate_ids([self.encode_chat(m) for m in conversations],
-                                     max_new_tokens=max_new_tokens, sampling=sampling,
-                                     ignore_eos=ignore_eos)
-        rows = self.multimodal.generate(self, conversations, max_new_tokens=max_new_tokens,
-                                        sampling=sampling, ignore_eos=ignore_eos)
-        return [self._completion(ids, n, stopped) for ids, n, stopped in rows]
-
-    def _completion(self, ids: list[int], n: int, stopped: bool) -> Completion:
-        text = self.tokenizer.decode([i for i in ids if i not in self.engine.stop_ids]
-                                     if stopped else ids)
-        thought, answer = split_thinking(text)
-        return Completion(answer if thought is not None else text, ids, n, stopped, thought)
+        return self._complete(self.chat_prompts(conversations), max_new_tokens=max_new_tokens,
+                              sampling=sampling, ignore_eos=ignore_eos)
 
 
 def _warn_if_cpu_scheduler_flag_late(dtype: str) -> None:
@@ -210,18 +256,20 @@ def load(checkpoint: str | Path | None = None, *, dtype: str = "float32",
 
     if is_multimodal(path):
         from .checkpoints.multimodal import load_multimodal
-        from .multimodal import ImageTextGenerator
         from .processor import Processor
 
         model = load_multimodal(path, dtype=dtype)
-        tokenizer = Tokenizer.from_checkpoint(path)
-        processor = Processor.from_checkpoint(
-            path, tokenizer, image_size=model.config.vision.image_size,
+        processor = Processor.from_checkpoint(  # the tokenizer, with the image token
+            path, image_size=model.config.vision.image_size,
             mm_tokens_per_image=model.config.mm_tokens_per_image)
+        tokenizer = processor.tokenizer
         engine = Engine(model.decoder, stop_ids=sorted(tokenizer.stop_ids),
                         pad_id=tokenizer.pad_id)
-        generator = ImageTextGenerator(model, processor, image_batch=image_batch)
-        return MedGemma(engine, tokenizer, name=path.name, multimodal=generator)
+        try:
+            images = PromptEncoder(model, processor, image_batch=image_batch)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        return MedGemma(engine, tokenizer, name=path.name, multimodal=images)
     decoder = load_decoder(path, dtype=dtype)
     tokenizer = Tokenizer.from_checkpoint(path)
     engine = Engine(decoder, stop_ids=sorted(tokenizer.stop_ids), pad_id=tokenizer.pad_id)

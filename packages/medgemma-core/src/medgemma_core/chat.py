@@ -11,8 +11,9 @@
   user / model, starting with user.
 * Content is a string or a list of items ``{"type": "text", "text": ...}`` and
   ``{"type": "image", ...}``, joined in order with no separator; text is stripped of
-  surrounding whitespace, an image becomes ``<start_of_image>``. `expand_image_tokens` then
-  turns each into the full image sequence the multimodal model consumes.
+  surrounding whitespace, an image becomes ``<start_of_image>``.
+  :class:`~medgemma_core.processor.Processor` then turns each into the full image sequence
+  the image-text model consumes (with the image's soft tokens).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 __all__ = [
     "BOI", "BOS", "END_OF_TURN", "EOI", "IMAGE_TOKEN", "START_OF_TURN", "THINK_END", "THINK_START",
-    "expand_image_tokens", "format_chat", "split_thinking",
+    "format_chat", "split_thinking",
 ]
 
 BOS = "<bos>"
@@ -108,15 +109,6 @@ def format_chat(messages: Sequence[Message], *, add_generation_prompt: bool = Tr
     if add_generation_prompt:
         out.append(f"{START_OF_TURN}model\n")
     return "".join(out)
-
-
-def expand_image_tokens(text: str, mm_tokens_per_image: int = 256, *, boi: str = BOI,
-                        eoi: str = EOI, image_token: str = IMAGE_TOKEN) -> str:
-    """Replace each ``<start_of_image>`` with ``"\\n\\n<start_of_image>"`` + ``mm_tokens_per_image``
-    x ``<image_soft_token>`` + ``"<end_of_image>\\n\\n"``, as Gemma 3's processor does."""
-    if mm_tokens_per_image < 1:
-        raise ValueError(f"mm_tokens_per_image must be positive, got {mm_tokens_per_image}")
-    return text.replace(boi, f"\n\n{boi}{image_token * mm_tokens_per_image}{eoi}\n\n")
 
 
 def split_thinking(text: str) -> tuple[str | None, str]:

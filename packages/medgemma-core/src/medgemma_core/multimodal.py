@@ -17,9 +17,8 @@ which attention is bidirectional (in local layers still limited to the window).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -31,10 +30,9 @@ from medsiglip import SiglipVisionConfig, VisionTower
 
 from .config import Gemma3Config
 from .layers import RMSNorm
-from .sampling import Sampling
 from .transformer import Gemma3
 
-__all__ = ["Gemma3Multimodal", "ImageTextGenerator", "MultimodalConfig", "Projector",
+__all__ = ["Gemma3Multimodal", "MultimodalConfig", "Projector", "check_image_count",
            "image_blocks", "scatter_soft_tokens"]
 
 
@@ -210,96 +208,3 @@ def check_image_count(tokens: np.ndarray, n_images: int, cfg: MultimodalConfig) 
             f"the prompt holds {found} image tokens but {n_images} image(s) x "
             f"{cfg.mm_tokens_per_image} soft tokens were given; build prompts with "
             f"medgemma_core.processor.Processor, which expands each image")
-
-
-@dataclasses.dataclass
-class PreparedPrompts:
-    """Prompts ready for the decoder, right-aligned: ``ids`` (one list per conversation, unpadded),
-    ``embeddings [B, T, D]`` and ``image_id [B, T]`` with ``T`` the longest prompt (shorter rows
-    left-padded)."""
-
-    ids: list[list[int]]
-    embeddings: jax.Array
-    image_id: jax.Array
-
-
-class ImageTextGenerator:
-    """Generation with images: the processor's ids and pixels -> soft tokens (images encoded in
-    batches of ``image_batch``, one compile) -> the decoder's :class:`Engine` with the
-    embeddings and image blocks of the prompt. ``MedGemma(..., multimodal=this)``."""
-
-    def __init__(self, model: Gemma3Multimodal, processor: Any, *, image_batch: int = 4):
-        self.config = model.config
-        self.processor = processor
-        self.image_batch = max(1, int(image_batch))
-        self._graphdef, self._state = nnx.split(model)
-
-    @functools.partial(jax.jit, static_argnums=(0,))
-    def _encode(self, state, pixels):
-        return nnx.merge(self._graphdef, state).encode_images(pixels)
-
-    @functools.partial(jax.jit, static_argnums=(0,))
-    def _embed(self, state, tokens, soft):
-        return nnx.merge(self._graphdef, state).embed(tokens, soft)
-
-    def encode_images(self, pixels: np.ndarray) -> jax.Array:
-        """``[N, S, S, 3]`` -> soft tokens ``[N, M, D]``, ``image_batch`` images per call (the last
-        batch padded, so every call has the same shape)."""
-        pixels = np.asarray(pixels, np.float32)
-        n, b = len(pixels), min(self.image_batch, max(len(pixels), 1))
-        out = []
-        for i in range(0, n, b):
-            chunk = pixels[i:i + b]
-            if len(chunk) < b:
-                chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]),
-                                                        chunk.dtype)])
-            out.append(self._encode(self._state, chunk)[:min(b, n - i)])
-        return jnp.concatenate(out) if out else jnp.zeros(
-            (0, self.config.mm_tokens_per_image, self.config.text.hidden_size))
-
-    def prepare(self, conversations: Sequence[Sequence[Mapping[str, Any]]], *,
-                pad_id: int = 0) -> PreparedPrompts:
-        """Conversations (chat messages with text and image items) -> ids, embeddings and image
-        blocks, one row each. The images of all conversations are encoded together."""
-        processed = [self.processor(messages) for messages in conversations]
-        ids = [list(p.input_ids) for p in processed]
-        counts = [len(p.pixel_values) for p in processed]
-        for row, n in zip(ids, counts):
-            check_image_count(np.asarray(row), n, self.config)
-        t = max(len(row) for row in ids)
-        tokens = np.full((len(ids), t), pad_id, np.int32)
-        for r, row in enumerate(ids):
-            tokens[r, t - len(row):] = row
-        pixels = [p.pixel_values for p, n in zip(processed, counts) if n]
-        soft = self.encode_images(np.concatenate(pixels)) if pixels else None
-        emb = self._embed(self._state, jnp.asarray(tokens), soft)  # soft tokens in reading order
-        return PreparedPrompts(ids, emb, image_blocks(tokens, self.config.image_token_id))
-
-    def chat_stream(self, medgemma: Any, messages: Sequence[Mapping[str, Any]], *,
-                    max_new_tokens: int = 256, sampling: Sampling = Sampling(), chunk: int = 4,
-                    ignore_eos: bool = False) -> Iterator[str]:
-        """Text pieces of the answer, as :meth:`MedGemma.stream_ids` yields them."""
-        prompt = self.prepare([messages], pad_id=medgemma.engine.pad_id)
-        decoder = medgemma.tokenizer.stream_decoder()
-        stops = set(medgemma.engine.stop_ids)
-        for piece in medgemma.engine.stream(
-                prompt.ids, max_new_tokens=max_new_tokens, sampling=sampling, chunk=chunk,
-                ignore_eos=ignore_eos, embeddings=prompt.embeddings, image_id=prompt.image_id):
-            text = "".join(decoder.feed(t) for t in piece[0] if ignore_eos or t not in stops)
-            if text:
-                yield text
-        if tail := decoder.flush():
-            yield tail
-
-    def generate(self, medgemma: Any, conversations: Sequence[Sequence[Mapping[str, Any]]], *,
-                 max_new_tokens: int = 256, sampling: Sampling = Sampling(),
-                 ignore_eos: bool = False) -> list[tuple[list[int], int, bool]]:
-        """``(generated ids, prompt length, stopped)`` for each conversation, in one batch: rows
-        of any length and any number of images (left-padded, masked)."""
-        if not conversations:
-            return []
-        prompt = self.prepare(conversations, pad_id=medgemma.engine.pad_id)
-        result = medgemma.engine.generate(
-            prompt.ids, max_new_tokens=max_new_tokens, sampling=sampling, ignore_eos=ignore_eos,
-            embeddings=prompt.embeddings, image_id=prompt.image_id)
-        return list(zip(result.token_ids, result.prompt_tokens, result.stopped))

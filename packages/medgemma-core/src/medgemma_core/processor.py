@@ -58,6 +58,12 @@ class ProcessorConfig:
     pan_and_scan_max_num_crops: int = 4
     pan_and_scan_min_ratio_to_activate: float = 1.2
 
+    def __post_init__(self) -> None:
+        if self.mm_tokens_per_image < 1:
+            raise ValueError(f"mm_tokens_per_image must be positive, got {self.mm_tokens_per_image}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+
     @classmethod
     def from_checkpoint(cls, folder: str | Path, **overrides: Any) -> ProcessorConfig:
         folder = Path(folder)
@@ -141,6 +147,21 @@ def pan_and_scan_boxes(height: int, width: int, *, min_crop_size: int = 256,
                                                range(0, crop_w * n_w, crop_w))]
 
 
+def _config_image_token(folder: Path) -> int | None:
+    """``image_token_index`` (or ``image_token_id``) of the folder's config.json, if any."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    for key in ("image_token_index", "image_token_id"):
+        if data.get(key) is not None:
+            return int(data[key])
+    return None
+
+
 def _open(image: Any) -> Any:
     if isinstance(image, (str, Path)):
         return load_image(image)
@@ -186,8 +207,25 @@ class Processor:
     @classmethod
     def from_checkpoint(cls, folder: str | Path, tokenizer: Tokenizer | None = None,
                         **overrides: Any) -> Processor:
-        """The tokenizer and sizes of a Hugging Face (or our Orbax) image-text folder."""
+        """The tokenizer and sizes of a Hugging Face (or our Orbax) image-text folder.
+
+        Where the tokenizer files lack ``<image_soft_token>``, its id comes from config.json
+        (``image_token_index``), as the model itself reads it (transformers does the same);
+        the tokenizer then gains that token (``processor.tokenizer``)."""
+        folder = Path(folder)
         tok = tokenizer if tokenizer is not None else Tokenizer.from_checkpoint(folder)
+        if tok.image_token_id is None:
+            index = _config_image_token(folder)
+            if index is None:
+                raise ValueError(
+                    f"{folder}: neither its tokenizer files nor config.json (image_token_index) "
+                    f"name the image token {IMAGE_TOKEN}; copy the checkpoint's "
+                    f"tokenizer_config.json / tokenizer.json there")
+            try:
+                tok = tok.with_added_tokens({index: IMAGE_TOKEN}, special_ids=(index,))
+            except ValueError as exc:
+                raise ValueError(f"{folder}: config.json says image_token_index={index}, but "
+                                 f"{exc}") from None
         return cls(tok, ProcessorConfig.from_checkpoint(folder, **overrides))
 
     # ---- images ---------------------------------------------------------------------------

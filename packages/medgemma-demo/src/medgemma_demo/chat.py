@@ -171,8 +171,10 @@ class ChatService:
         msgs = messages(system or "", history, turn)
         answer = ""
         start = time.perf_counter()
+        from medgemma_core import Sampling
+
         pieces = model.chat_stream(msgs, max_new_tokens=int(max_new_tokens),
-                                   temperature=float(temperature))
+                                   sampling=Sampling(temperature=float(temperature)))
         stopped = False
         try:
             for piece in pieces:
@@ -216,10 +218,12 @@ class ChatService:
         if not turn.content:
             raise gr.Error("send a message (or a file)", print_exception=False)
         start = time.perf_counter()
+        from medgemma_core import Sampling
+
         try:
             answer = "".join(model.chat_stream(messages(system or "", [], turn),
                                                max_new_tokens=int(max_new_tokens),
-                                               temperature=float(temperature)))
+                                               sampling=Sampling(temperature=float(temperature))))
         except ValueError as exc:
             raise gr.Error(one_line(exc), print_exception=False) from None
         log.info("api answer: %d image(s), %d chars in %.1f s", loaded.num_images, len(answer),

@@ -98,7 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
 
+    from medgemma_core import enable_compilation_cache
+
     from .app import DemoConfig, build_app, launch_kwargs
+
+    enable_compilation_cache()  # compiled programs kept for the next start (MEDGEMMA_JAX_CACHE)
 
     config = DemoConfig(checkpoint=args.checkpoint, medsiglip=args.medsiglip,
                         max_upload_mb=args.max_upload_mb, max_new_tokens=args.max_new_tokens,

@@ -11,7 +11,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from medgemma_core import Sampling
 
 log = logging.getLogger("medgemma_demo")
 
@@ -31,8 +34,7 @@ class ChatModel(Protocol):
     def is_multimodal(self) -> bool: ...
 
     def chat_stream(self, messages: Sequence[dict], *, max_new_tokens: int = ...,
-                    temperature: float = ..., top_k: int = ..., top_p: float = ...,
-                    seed: int = ...) -> Iterator[str]: ...
+                    sampling: Sampling = ...) -> Iterator[str]: ...
 
 
 class Loader(Generic[T]):
