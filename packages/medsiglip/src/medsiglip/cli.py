@@ -4,6 +4,7 @@
     medsiglip embed --checkpoint DIR --text "pleural effusion" [--json]
     medsiglip zero-shot --checkpoint DIR --image cxr.png --labels "normal" "pneumothorax" [--json]
     medsiglip probe --checkpoint DIR --data train_dir [--test-data test_dir] [--json]
+    medsiglip convert SRC --to hf|orbax OUT [--dtype bfloat16] [--max-shard-size 5GB]
 
 The last line on stdout is one JSON object (``{"embedding": [...]}``,
 ``{"labels": [...], "probs": [...]}``, ``{"accuracy": ..., "auc": ...}``); with ``--json``
@@ -75,7 +76,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="share of --data held out for testing when --test-data is absent")
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+
+    p = sub.add_parser("convert", help="convert a checkpoint to a Hugging Face or Orbax folder",
+                       description="Convert a SigLIP checkpoint (a Hugging Face SiglipModel or "
+                                   "SiglipVisionModel folder, the vision tower of a Gemma 3 "
+                                   "image-text folder, or an Orbax folder saved by medsiglip) "
+                                   "into a Hugging Face folder that transformers loads "
+                                   "(--to hf) or an Orbax folder (--to orbax).")
+    p.add_argument("source", type=Path, metavar="SRC", help="checkpoint folder")
+    p.add_argument("--to", required=True, choices=("hf", "orbax"), help="output format")
+    p.add_argument("out", type=Path, metavar="OUT", help="output folder (new or empty)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="parameter dtype of the output (auto: the source's)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors file of --to hf, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
+    p.add_argument("--json", action="store_true", help="print only the JSON result line")
     return parser
+
+
+def _convert(args: argparse.Namespace) -> dict[str, Any]:
+    """Load any SigLIP checkpoint, write it as a Hugging Face or Orbax folder."""
+    from medsiglip.checkpoints.export import convert_checkpoint
+
+    return convert_checkpoint(args.source, args.out, to=args.to, dtype=args.dtype,
+                   max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                   quiet=args.json)
 
 
 def _image_folder(root: Path) -> tuple[list[Path], list[str]]:
@@ -166,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medsiglip.weights import CheckpointError
 
     try:
-        result = _run(args)
+        result = _convert(args) if args.command == "convert" else _run(args)
     except (CheckpointError, ValueError, KeyError, FileNotFoundError, OSError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"medsiglip: error: {msg}", file=sys.stderr)

@@ -239,13 +239,22 @@ class TensorSpec:
     the tensor must have, checked from the header before anything is read; ``None`` when it
     may vary (``convert`` then checks it). ``convert``: stored numpy array -> the parameter's
     layout (e.g. a transpose); the result is checked against the parameter's shape and cast to
-    its dtype.
+    its dtype. ``inverse``: the parameter's layout -> the stored one, bit for bit (the export
+    back to the checkpoint format, :mod:`medsiglip.checkpoints.export`); it defaults to the
+    identity when ``convert`` is the identity and is ``None`` (not exportable) otherwise. When
+    several specs read one tensor, their inverses' results are concatenated along axis 0 in
+    spec order (a packed q, k, v ``in_proj``).
     """
 
     path: ParamPath
     name: str
     shape: tuple[int, ...] | None
     convert: Callable[[np.ndarray], np.ndarray] = _same
+    inverse: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if self.inverse is None and self.convert is _same:
+            object.__setattr__(self, "inverse", _same)
 
 
 def fill(abstract: M, source: TensorSource, specs: Iterable[TensorSpec]) -> M:

@@ -1,7 +1,7 @@
 """Hugging Face tensor names -> NNX parameters of the SigLIP towers.
 
 The tables here say which Hugging Face tensor becomes which parameter, at which stored shape
-and through which conversion (torch's ``[out, in]`` -> ``[in, out]``, OIHW -> HWIO, a packed
+and through which conversion (and its inverse, for the export back) (torch's ``[out, in]`` -> ``[in, out]``, OIHW -> HWIO, a packed
 q/k/v ``in_proj`` split in three); :func:`medsiglip.weights.fill` then reads, converts and
 places one tensor at a time. Tensors come from any :class:`~medsiglip.weights.TensorSource`
 or a mapping ``name -> array``. A checkpoint that does not fit raises a
@@ -51,12 +51,21 @@ POSITION_NAME = "embeddings.position_embedding.weight"
 
 
 def _t(x: np.ndarray) -> np.ndarray:
-    """torch Linear ``[out, in]`` -> ``[in, out]``."""
+    """torch Linear ``[out, in]`` -> ``[in, out]`` (and back)."""
     return x.T
+
+
+def _same(x: np.ndarray) -> np.ndarray:
+    """The model holds the stored layout (the position table at the config's grid)."""
+    return x
 
 
 def _oihw_to_hwio(x: np.ndarray) -> np.ndarray:
     return x.transpose(2, 3, 1, 0)
+
+
+def _hwio_to_oihw(x: np.ndarray) -> np.ndarray:
+    return x.transpose(3, 2, 0, 1)
 
 
 def _rows(i: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -70,8 +79,13 @@ def _rows(i: int) -> Callable[[np.ndarray], np.ndarray]:
     return take
 
 
+def _unrow(x: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_rows` for one part; the export concatenates the three parts."""
+    return x.T if x.ndim == 2 else x
+
+
 def _linear(path: Path, name: str, d_in: int, d_out: int) -> list[TensorSpec]:
-    return [TensorSpec(path + ("kernel",), f"{name}.weight", (d_out, d_in), _t),
+    return [TensorSpec(path + ("kernel",), f"{name}.weight", (d_out, d_in), _t, _t),
             TensorSpec(path + ("bias",), f"{name}.bias", (d_out,))]
 
 
@@ -102,10 +116,10 @@ def vision_specs(config: SiglipVisionConfig, prefix: str, *, resize_positions: b
     p, d, f = prefix, config.hidden_size, config.intermediate_size
     patch = (d, config.num_channels, config.patch_size, config.patch_size)
     specs = [
-        TensorSpec(("embeddings", "kernel"), p + _PROBE, patch, _oihw_to_hwio),
+        TensorSpec(("embeddings", "kernel"), p + _PROBE, patch, _oihw_to_hwio, _hwio_to_oihw),
         TensorSpec(("embeddings", "bias"), p + "embeddings.patch_embedding.bias", (d,)),
         TensorSpec(("embeddings", "position_embedding"), p + POSITION_NAME, None,
-                   _position_fix(config, p + POSITION_NAME, resize_positions)),
+                   _position_fix(config, p + POSITION_NAME, resize_positions), _same),
     ]
     specs += _encoder(config, p)
     specs += _norm(("post_layernorm",), p + "post_layernorm", d)
@@ -114,9 +128,10 @@ def vision_specs(config: SiglipVisionConfig, prefix: str, *, resize_positions: b
         specs.append(TensorSpec(("head", "probe"), h + "probe", (1, 1, d)))
         for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             specs.append(TensorSpec(("head", "attention", proj, "kernel"),
-                                    h + "attention.in_proj_weight", (3 * d, d), _rows(i)))
+                                    h + "attention.in_proj_weight", (3 * d, d), _rows(i),
+                                    _unrow))
             specs.append(TensorSpec(("head", "attention", proj, "bias"),
-                                    h + "attention.in_proj_bias", (3 * d,), _rows(i)))
+                                    h + "attention.in_proj_bias", (3 * d,), _rows(i), _unrow))
         specs += _linear(("head", "attention", "out_proj"), h + "attention.out_proj", d, d)
         specs += _norm(("head", "layernorm"), h + "layernorm", d)
         specs += _linear(("head", "mlp", "fc1"), h + "mlp.fc1", d, f)
