@@ -12,6 +12,7 @@ from .errors import (
     InvalidInputError,
     MedgemmaDataError,
     PluginFailedError,
+    is_rust_panic,
 )
 from .manager import get_registry, trace
 from .sample import Sample
@@ -36,7 +37,9 @@ def detection_scores(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
     for name, (spec, info) in get_registry().specs.items():
         try:
             score = int(spec.detect(p))
-        except Exception as exc:  # a broken detector must not hide the others
+        except BaseException as exc:  # a broken detector must not hide the others
+            if not (isinstance(exc, Exception) or is_rust_panic(exc)):
+                raise  # KeyboardInterrupt, SystemExit
             trace(f"detect {name} ({info.distribution}) raised {exc!r}; counted as 0")
             score = 0
         trace(f"detect {name}: {score}")
@@ -81,7 +84,14 @@ def load(path: str | os.PathLike[str], *, modality: str | None = None,
         samples = spec.load(p, resolved)
     except MedgemmaDataError:
         raise
-    except Exception as exc:
+    except BaseException as exc:
+        if is_rust_panic(exc):  # a decoder in Rust panicked on this file: a corrupt input
+            detail = " ".join(str(exc).split())[:200]
+            raise InvalidInputError(f"{p}: a decoder crashed reading it (the {name} plugin's "
+                                    f"reader panicked: {detail}); the file is corrupt or not "
+                                    "what it claims to be") from None
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit
         raise PluginFailedError(
             f"the {name!r} plugin ({info.distribution} {info.version}) failed on {p}: "
             f"{type(exc).__name__}: {exc}; this is a plugin bug, report it to "

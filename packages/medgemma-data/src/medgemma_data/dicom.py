@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DecoderMissingError, InvalidInputError
+from .errors import DecoderMissingError, InvalidInputError, is_rust_panic
 
 #: Transfer-syntax family -> pip packages that decode it.
 _DECODER_PACKAGES = {
@@ -37,11 +37,27 @@ def has_dicom_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def _parse_all(ds) -> None:  # noqa: ANN001
+    """Convert every element now: pydicom parses values lazily, on first access, so a corrupt
+    element (an unknown VR, a value that is not its VR) would otherwise fail wherever a
+    plugin first reads it. Also checks the transfer syntax UID names one."""
+    for _ in ds.iterall():
+        pass
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is not None and not ts.is_transfer_syntax:
+        raise ValueError(f"TransferSyntaxUID {str(ts)[:64]!r} is not a transfer syntax")
+
+
 @lru_cache(maxsize=256)
 def _header(path: str, mtime_ns: int, size: int):  # noqa: ANN202 - a pydicom Dataset
     import pydicom
 
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    with warnings.catch_warnings():  # pydicom's warnings on odd values: read() reports them
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        _parse_all(ds)
+    return ds
 
 
 def header(path: Path):  # noqa: ANN201 - a pydicom Dataset (read-only, shared: do not modify)
@@ -67,6 +83,7 @@ def read(path: Path):  # noqa: ANN201 - a pydicom Dataset
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path)
+            _parse_all(ds)
     except InvalidDicomError:
         raise InvalidInputError(f"{path} is not a DICOM file (no DICM preamble); "
                                 "check the path or pass the right --modality") from None
@@ -102,20 +119,57 @@ def check_decoder(ds, path: Path) -> None:  # noqa: ANN001
                                   f"pip install {pkgs}")
 
 
-def frames(ds, path: Path) -> np.ndarray:  # noqa: ANN001
-    """Decoded pixels as ``[F, H, W]`` or ``[F, H, W, 3]`` (YBR converted to RGB)."""
+def header_int(ds, keyword: str, default: int = 0) -> int:  # noqa: ANN001
+    """An integer element of ``ds`` (``default`` when absent or empty); a clear
+    :class:`InvalidInputError` when it is not a number."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{getattr(ds, 'filename', None) or 'a DICOM file'}: "
+                                f"{keyword} is {str(value)[:40]!r}, not a whole number; the "
+                                "header is corrupt") from None
+
+
+def num_frames(ds) -> int:  # noqa: ANN001
+    """NumberOfFrames, at least 1."""
+    return max(1, header_int(ds, "NumberOfFrames", 1))
+
+
+def claimed_pixels(ds) -> int:  # noqa: ANN001
+    """Rows x Columns x frames, as the header states them (nothing decoded)."""
+    rows, cols = header_int(ds, "Rows"), header_int(ds, "Columns")
+    return max(0, rows) * max(0, cols) * num_frames(ds)
+
+
+def frames(ds, path: Path, max_pixels: int | None = None) -> np.ndarray:  # noqa: ANN001
+    """Decoded pixels as ``[F, H, W]`` or ``[F, H, W, 3]`` (YBR converted to RGB).
+
+    A header claiming more than ``max_pixels`` (Rows x Columns x frames; default
+    :func:`medgemma_data.limits.max_pixels`) is refused before the decoder allocates.
+    """
+    from .limits import check_pixels
+    from .limits import max_pixels as default_limit
+
+    limit = default_limit() if max_pixels is None else max_pixels
+    check_pixels(path, claimed_pixels(ds), f"Rows x Columns x frames ({header_int(ds, 'Rows')} "
+                 f"x {header_int(ds, 'Columns')} x {num_frames(ds)})", limit)
     check_decoder(ds, path)
     try:
         arr = ds.pixel_array
-    except Exception as exc:
-        detail = " ".join(str(exc).split())
+    except BaseException as exc:  # a Rust decoder's panic is a BaseException
+        if not (isinstance(exc, Exception) or is_rust_panic(exc)):
+            raise
+        detail = " ".join(str(exc).split())[:300]
         ts = ds.file_meta.get("TransferSyntaxUID")
         raise InvalidInputError(f"{path}: pixel data could not be decoded; it is truncated or "
                                 f"corrupt, or an unsupported variant of "
                                 f"{ts.name if ts else 'its transfer syntax'} ({detail})") \
             from None
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    spp = int(ds.get("SamplesPerPixel", 1))
+    n_frames = num_frames(ds)
+    spp = header_int(ds, "SamplesPerPixel", 1)
     if n_frames == 1:
         arr = arr[None]
     if spp not in (1, 3) or arr.ndim != (3 if spp == 1 else 4):
@@ -124,11 +178,39 @@ def frames(ds, path: Path) -> np.ndarray:  # noqa: ANN001
     return arr
 
 
+#: What pydicom's LUT functions raise on a header whose LUT or window values are malformed
+#: (a descriptor that is not three numbers, a LUT shorter than it says, a text slope).
+_LUT_ERRORS = (TypeError, ValueError, IndexError, KeyError, AttributeError, ArithmeticError)
+
+
+def _where(ds) -> str:  # noqa: ANN001
+    return str(getattr(ds, "filename", None) or "a DICOM file")
+
+
+def _numbers(ds, *keywords: str) -> None:  # noqa: ANN001
+    """Every value of the elements ``keywords`` that ``ds`` has must be a number."""
+    for keyword in keywords:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        values = list(value) if ds[keyword].VM > 1 else [value]
+        try:
+            [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"{_where(ds)}: {keyword} is {str(value)[:40]!r}, not a "
+                                    "number; the header is corrupt") from None
+
+
 def modality_lut(arr: np.ndarray, ds) -> np.ndarray:  # noqa: ANN001
     """Apply the Modality LUT or rescale slope/intercept (e.g. stored values -> HU); float64."""
     from pydicom.pixels import apply_modality_lut
 
-    return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    _numbers(ds, "RescaleSlope", "RescaleIntercept")
+    try:
+        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    except _LUT_ERRORS as exc:
+        raise InvalidInputError(f"{_where(ds)}: its Modality LUT is malformed "
+                                f"({type(exc).__name__}); the header is corrupt") from None
 
 
 def voi_window(arr: np.ndarray, ds) -> tuple[np.ndarray, list[float] | None]:  # noqa: ANN001
@@ -142,7 +224,12 @@ def voi_window(arr: np.ndarray, ds) -> tuple[np.ndarray, list[float] | None]:  #
     has_window = "WindowCenter" in ds and "WindowWidth" in ds
     if not (has_lut or has_window):
         return arr, None
-    out = np.asarray(apply_voi_lut(arr, ds, index=0, prefer_lut=True), dtype=np.float64)
+    _numbers(ds, "WindowCenter", "WindowWidth")
+    try:
+        out = np.asarray(apply_voi_lut(arr, ds, index=0, prefer_lut=True), dtype=np.float64)
+    except _LUT_ERRORS as exc:
+        raise InvalidInputError(f"{_where(ds)}: its VOI LUT or window is malformed "
+                                f"({type(exc).__name__}); the header is corrupt") from None
     if has_lut:
         return out, None
     c, w = ds.WindowCenter, ds.WindowWidth
@@ -174,8 +261,8 @@ def basic_metadata(ds) -> dict[str, object]:  # noqa: ANN001
         if value not in (None, ""):
             meta[key] = str(value)
     for key, tag in (("rows", "Rows"), ("columns", "Columns"), ("bits_stored", "BitsStored")):
-        if ds.get(tag) is not None:
-            meta[key] = int(ds.get(tag))
+        if ds.get(tag) not in (None, ""):
+            meta[key] = header_int(ds, tag)
     spacing = safe_float_list(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"))
     if spacing:
         meta["pixel_spacing"] = spacing

@@ -38,3 +38,15 @@ class PluginConflictError(MedgemmaDataError):
 
 class PluginFailedError(MedgemmaDataError):
     """A plugin raised something other than a :class:`MedgemmaDataError` (a plugin bug)."""
+
+
+def is_rust_panic(exc: BaseException) -> bool:
+    """Whether ``exc`` is a panic of a Rust extension (pyo3's ``PanicException``).
+
+    Decoders written in Rust (pylibjpeg-rle) panic on some corrupt inputs. pyo3 makes that a
+    ``BaseException``, which escapes every ``except Exception``; each extension has its own
+    class, so it is recognised by name. Catch it narrowly where a decoder runs (``except
+    BaseException`` + this test, re-raising anything else) and report the file as corrupt.
+    """
+    cls = type(exc)
+    return cls.__name__ == "PanicException" and cls.__module__ == "pyo3_runtime"

@@ -70,7 +70,7 @@ def parse_color(text: str) -> tuple[int, int, int]:
 HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
 
 
-def read_image(path: Path) -> tuple[np.ndarray, dict[str, object]]:
+def read_image(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, dict[str, object]]:
     """Read a PNG/JPEG/... file into ``uint8 [H, W, 3]``: the one way every plugin reads one.
 
     EXIF orientation applied, then :func:`pil_to_rgb`. Returns the image and facts for the
@@ -78,15 +78,33 @@ def read_image(path: Path) -> tuple[np.ndarray, dict[str, object]]:
     file has the tag) and ``intensity_range`` ``[min, max]`` (the source values stretched to
     0..255, for single-channel images of more than 8 bits). ``medsiglip.load_image`` applies
     the same rule, pixel for pixel (a test in the repository's ``tests/`` proves it).
+
+    ``max_pixels``: a header claiming more (width x height) is refused before decoding
+    (default :func:`medgemma_data.limits.max_pixels`, see :mod:`medgemma_data.limits`).
     """
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from .limits import ENV_MAX_PIXELS, allow_in_pillow, check_pixels
+    from .limits import max_pixels as default_limit
+
+    limit = default_limit() if max_pixels is None else max_pixels
+    allow_in_pillow(limit)
     try:
-        with Image.open(path) as im:
-            orientation = im.getexif().get(0x0112)
-            im = ImageOps.exif_transpose(im)
-            im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                check_pixels(path, im.width * im.height, f"its header ({im.width} x "
+                             f"{im.height})", limit)
+                orientation = im.getexif().get(0x0112)
+                im = ImageOps.exif_transpose(im)
+                im.load()
+    except Image.DecompressionBombError as exc:  # Pillow's own check, inside Image.open
+        raise InvalidInputError(f"{path}: its header claims more than the limit of {limit:,} "
+                                f"pixels ({exc}); if the file is real, raise the limit with "
+                                f"--option max_pixels=N or {ENV_MAX_PIXELS}=N") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidInputError(f"{path} is not a readable image ({exc}); check the file") \
             from None
     facts: dict[str, object] = {"image_size": [im.width, im.height]}

@@ -121,8 +121,8 @@ def volumes(path: Path) -> list[Volume]:
             continue  # not an image (DICOMDIR, SR, ...)
         uid = str(ds.get("SeriesInstanceUID", "unknown"))
         headers.setdefault(uid, ds)
-        inst = int(ds.get("InstanceNumber") or 0)
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        inst = dicom.header_int(ds, "InstanceNumber")
+        n_frames = dicom.num_frames(ds)
         if n_frames > 1:
             for i, pos in enumerate(_frame_positions(ds, n_frames)):
                 groups.setdefault(uid, []).append((Slice(f, i, pos), inst))
@@ -148,15 +148,28 @@ def sample_indices(n: int, k: int) -> list[int]:
     return [round(i / k * (n - 1)) for i in range(1, k + 1)]
 
 
-def read_slices(volume: Volume, indices: list[int]) -> tuple[list[np.ndarray], list]:
-    """Decode the chosen slices: ``[H, W]`` float64 after the modality LUT, with headers."""
+def read_slices(volume: Volume, indices: list[int], max_pixels: int | None = None
+                ) -> tuple[list[np.ndarray], list]:
+    """Decode the chosen slices: ``[H, W]`` float64 after the modality LUT, with headers.
+
+    The files to decode may claim at most ``max_pixels`` together (default
+    :func:`medgemma_data.limits.max_pixels`); more is refused before any is decoded.
+    """
+    from .limits import check_pixels
+    from .limits import max_pixels as default_limit
+
+    limit = default_limit() if max_pixels is None else max_pixels
+    files = list(dict.fromkeys(volume.slices[i].file for i in indices))
+    claimed = sum(dicom.claimed_pixels(h) for h in map(dicom.header, files) if h is not None)
+    check_pixels(volume.slices[0].file.parent, claimed,
+                 f"the {len(files)} DICOM files to read from this series", limit)
     by_file: dict[Path, object] = {}
     images, headers = [], []
     for i in indices:
         s = volume.slices[i]
         if s.file not in by_file:
             ds = dicom.read(s.file)
-            by_file[s.file] = (ds, dicom.frames(ds, s.file))
+            by_file[s.file] = (ds, dicom.frames(ds, s.file, limit))
         ds, arr = by_file[s.file]
         frame = arr[s.frame or 0]
         if frame.ndim != 2:

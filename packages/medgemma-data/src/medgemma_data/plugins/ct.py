@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..hookspecs import hookimpl
+from ..limits import MAX_PIXELS_OPTION
 from ..sample import ImagePart, Location, Provenance, Sample, TextPart
 from ..spec import ModalitySpec, Option, opt_int
 
@@ -93,11 +94,13 @@ def volume_samples(path: Path, options: Mapping[str, str], name: str, to_rgb) ->
 def load(path: Path, options: Mapping[str, str]) -> list[Sample]:
     """Load a CT series folder or slice into one sample per series."""
     from .. import series
+    from ..limits import max_pixels
 
     windows = parse_windows(options["windows"])
+    limit = max_pixels(options)
 
     def to_rgb(vol, keep):  # noqa: ANN001, ANN202
-        hu, _ = series.read_slices(vol, keep)
+        hu, _ = series.read_slices(vol, keep, limit)
         return [window_rgb(h, windows) for h in hu], {"windows": [list(w) for w in windows]}
 
     return volume_samples(path, options, NAME, to_rgb)
@@ -116,5 +119,6 @@ def medgemma_register_modalities(register) -> None:  # noqa: ANN001
             Option("windows", "notebook", "R,G,B windows in HU: a preset (notebook, serving, "
                    "report) or lo:hi,lo:hi,lo:hi"),
             Option("max_slices", "85", "slices kept per series (uniform sampling)"),
+            MAX_PIXELS_OPTION,
         ),
     ))

@@ -183,6 +183,9 @@ def load(path: Path, options: Mapping[str, str]) -> list[Sample]:
         raise InvalidInputError(f"{path} is not a valid FHIR R4 Bundle: {where}: "
                                 f"{first.get('msg', 'invalid')} ({exc.error_count()} errors)") \
             from None
+    except (KeyError, TypeError):  # fhir.resources looks an entry's resourceType up by name
+        raise InvalidInputError(f"{path} is not a valid FHIR R4 Bundle: an entry's "
+                                "resourceType is not an R4 resource type") from None
     text, counts, gender = record_text(bundle)
     meta: dict[str, object] = {"modality": NAME, "resource_counts": counts}
     if gender:

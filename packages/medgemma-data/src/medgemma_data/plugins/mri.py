@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..hookspecs import hookimpl
+from ..limits import MAX_PIXELS_OPTION
 from ..sample import Sample
 from ..spec import ModalitySpec, Option
 from .ct import volume_samples
@@ -28,9 +29,12 @@ def load(path: Path, options: Mapping[str, str]) -> list[Sample]:
     """Load an MR series folder or file into one sample per series."""
     from .. import series
     from ..imaging import gray_to_rgb, to_uint8
+    from ..limits import max_pixels
+
+    limit = max_pixels(options)
 
     def to_rgb(vol, keep):  # noqa: ANN001, ANN202
-        everything, _ = series.read_slices(vol, list(range(len(vol.slices))))
+        everything, _ = series.read_slices(vol, list(range(len(vol.slices))), limit)
         lo = float(min(s.min() for s in everything))
         hi = float(max(s.max() for s in everything))
         images = [gray_to_rgb(to_uint8(everything[i], lo, hi)) for i in keep]
@@ -48,5 +52,6 @@ def medgemma_register_modalities(register) -> None:  # noqa: ANN001
         claims=("folder of DICOM slices (Modality MR), split by series", "*.dcm (Modality MR)"),
         detect=detect,
         load=load,
-        options=(Option("max_slices", "85", "slices kept per series (uniform sampling)"),),
+        options=(Option("max_slices", "85", "slices kept per series (uniform sampling)"),
+                 MAX_PIXELS_OPTION),
     ))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..limits import MAX_PIXELS_OPTION
 from ..sample import ImagePart, Location, Provenance, Sample
 from ..spec import Option, opt_bool
 from . import IMAGE_SUFFIXES, MAX_DETECT_PIXELS
@@ -46,6 +47,7 @@ def photo_options(pad_color: str) -> tuple[Option, ...]:
     return (
         Option("pad_square", "false", "pad the photograph to a square (no cropping)"),
         Option("pad_color", pad_color, "padding colour, RRGGBB hex"),
+        MAX_PIXELS_OPTION,
     )
 
 
@@ -53,13 +55,14 @@ def load_photo(path: Path, options: Mapping[str, str], name: str) -> list[Sample
     """One photograph -> one sample with one RGB image (EXIF orientation applied)."""
     from ..errors import InvalidInputError
     from ..imaging import pad_to_square, parse_color, read_image
+    from ..limits import max_pixels
 
     if not path.is_file():
         raise InvalidInputError(f"{path} is not a file; the {name} modality reads one "
                                 "JPEG/PNG photograph")
     pad = opt_bool(options, "pad_square")
     color = parse_color(options["pad_color"])
-    image, facts = read_image(path)
+    image, facts = read_image(path, max_pixels(options))
     meta: dict[str, object] = {"modality": name, "image_size": facts["image_size"]}
     if "exif_orientation" in facts:
         meta["exif_orientation"] = facts["exif_orientation"]

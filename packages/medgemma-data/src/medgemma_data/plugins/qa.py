@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..hookspecs import hookimpl
+from ..limits import MAX_PIXELS_OPTION
 from ..sample import ImagePart, Location, Provenance, Sample, TextPart
 from ..spec import ModalitySpec, Option
 
@@ -74,35 +75,42 @@ def _mcq(path: Path, options: Mapping[str, str]) -> list[Sample]:
 
     dataset = dataset_name(path, options["dataset"])
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidInputError(f"{path}:{lineno} is not JSON ({exc.msg}); fix or "
-                                        "remove the line") from None
-            if not isinstance(item, dict) or not isinstance(item.get("question"), str):
-                raise InvalidInputError(f"{path}:{lineno} has no 'question' string")
-            opts = item.get("options")
-            if isinstance(opts, list):
-                opts = dict(zip(string.ascii_uppercase, opts))
-            if not isinstance(opts, dict) or not opts:
-                raise InvalidInputError(f"{path}:{lineno} has no 'options' (letter -> text)")
-            opts = {str(k): str(v) for k, v in sorted(opts.items())}
-            label = item.get("answer_idx")
-            if label is not None and str(label) not in opts:
-                raise InvalidInputError(f"{path}:{lineno}: answer_idx {label!r} is not one of "
-                                        f"the options {sorted(opts)}")
-            meta: dict[str, object] = {"dataset": dataset, "question_index": lineno - 1,
-                                       "num_options": len(opts)}
-            subject = item.get("subject") or item.get("meta_info")
-            if isinstance(subject, str) and subject:
-                meta["subject"] = subject
-            samples.append(Sample((TextPart(format_question(item["question"], opts)),), NAME,
-                                  Provenance(f"{path}:{lineno}"), meta,
-                                  label=None if label is None else str(label)))
+    with open(path, "rb") as f:
+        raw_lines = f.read().splitlines()
+    for lineno, raw in enumerate(raw_lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"{path}:{lineno} is not UTF-8 text (byte "
+                                    f"0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                    "save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"{path}:{lineno} is not JSON ({exc.msg}); fix or "
+                                    "remove the line") from None
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+            raise InvalidInputError(f"{path}:{lineno} has no 'question' string")
+        opts = item.get("options")
+        if isinstance(opts, list):
+            opts = dict(zip(string.ascii_uppercase, opts))
+        if not isinstance(opts, dict) or not opts:
+            raise InvalidInputError(f"{path}:{lineno} has no 'options' (letter -> text)")
+        opts = {str(k): str(v) for k, v in sorted(opts.items())}
+        label = item.get("answer_idx")
+        if label is not None and str(label) not in opts:
+            raise InvalidInputError(f"{path}:{lineno}: answer_idx {label!r} is not one of "
+                                    f"the options {sorted(opts)}")
+        meta: dict[str, object] = {"dataset": dataset, "question_index": lineno - 1,
+                                   "num_options": len(opts)}
+        subject = item.get("subject") or item.get("meta_info")
+        if isinstance(subject, str) and subject:
+            meta["subject"] = subject
+        samples.append(Sample((TextPart(format_question(item["question"], opts)),), NAME,
+                              Provenance(f"{path}:{lineno}"), meta,
+                              label=None if label is None else str(label)))
     return samples
 
 
@@ -125,8 +133,13 @@ def _image_dir(path: Path, given: str) -> Path:
 def _vqa(path: Path, options: Mapping[str, str]) -> list[Sample]:
     from ..errors import InvalidInputError
     from ..imaging import read_image
+    from ..limits import max_pixels
 
+    limit = max_pixels(options)
     data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, list):
+        raise InvalidInputError(f"{path} holds a JSON {type(data).__name__}, not a list of "
+                                "question/answer/image items")
     folder = _image_dir(path, options["images"])
     language = options["language"].strip()
     dataset = dataset_name(path, options["dataset"])
@@ -138,11 +151,15 @@ def _vqa(path: Path, options: Mapping[str, str]) -> list[Sample]:
         if key is None or "question" not in item or "answer" not in item:
             raise InvalidInputError(f"{path}: item {i} needs question, answer and an image "
                                     f"name ({' / '.join(IMAGE_KEYS)})")
-        image_path = folder / str(item[key])
+        name = Path(str(item[key]))
+        if name.is_absolute() or ".." in name.parts or not name.parts:
+            raise InvalidInputError(f"{path}: item {i}: image name {str(name)[:80]!r} must be "
+                                    "a path inside the image folder (no absolute paths, no ..)")
+        image_path = folder / name
         if not image_path.is_file():
             raise InvalidInputError(f"{path}: item {i}: image {image_path} not found; pass "
                                     "--option images=FOLDER")
-        image, _ = read_image(image_path)
+        image, _ = read_image(image_path, limit)
         meta: dict[str, object] = {"dataset": dataset, "question_index": i}
         if isinstance(item.get("answer_type"), str):
             meta["answer_type"] = item["answer_type"]
@@ -183,5 +200,6 @@ def medgemma_register_modalities(register) -> None:  # noqa: ANN001
             Option("images", "", "image folder of a VQA set (default: images/, imgs/ or the "
                    "JSON's folder)"),
             Option("language", "en", "keep VQA items whose q_lang is this (empty: all)"),
+            MAX_PIXELS_OPTION,
         ),
     ))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..hookspecs import hookimpl
+from ..limits import MAX_PIXELS_OPTION
 from ..sample import ImagePart, Location, Provenance, Sample, TextPart
 from ..spec import ModalitySpec, Option, opt_bool, opt_int
 from . import IMAGE_SUFFIXES, MAX_DETECT_PIXELS
@@ -60,7 +61,8 @@ def _is_grayscale_image(path: Path) -> bool:
     return bool(np.abs(small - small[..., :1]).max() <= 2)
 
 
-def dicom_to_rgb(path: Path, *, apply_voi: bool = True, max_frames: int = 85
+def dicom_to_rgb(path: Path, *, apply_voi: bool = True, max_frames: int = 85,
+                 max_pixels: int | None = None
                  ) -> tuple[list[np.ndarray], list[int | None], dict[str, object]]:
     """One DICOM file -> its display images ``uint8 [H, W, 3]``, their frame numbers, metadata.
 
@@ -70,7 +72,7 @@ def dicom_to_rgb(path: Path, *, apply_voi: bool = True, max_frames: int = 85
     from ..imaging import gray_to_rgb, to_uint8
 
     ds = dicom.read(path)
-    arr = dicom.frames(ds, path)  # [F, H, W] or [F, H, W, 3]
+    arr = dicom.frames(ds, path, max_pixels)  # [F, H, W] or [F, H, W, 3]
     n = arr.shape[0]
     keep = series.sample_indices(n, max_frames)
     meta = dicom.basic_metadata(ds)
@@ -99,12 +101,12 @@ def dicom_to_rgb(path: Path, *, apply_voi: bool = True, max_frames: int = 85
     return images, ([None] if n == 1 else keep), meta
 
 
-def _image_file(path: Path) -> tuple[np.ndarray, dict[str, object]]:
+def _image_file(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, dict[str, object]]:
     """A PNG/JPEG read the shared way (:func:`~medgemma_data.imaging.read_image`: 16-bit
     grayscale already stretched), then the radiograph rule: gray (mean of RGB), stretched."""
     from ..imaging import gray_to_rgb, read_image, stretch
 
-    image, facts = read_image(path)
+    image, facts = read_image(path, max_pixels)
     gray = image.mean(axis=2)
     lo, hi = float(gray.min()), float(gray.max())
     meta = {"modality": "radiograph", "image_size": facts["image_size"],
@@ -116,15 +118,17 @@ def load(path: Path, options: Mapping[str, str]) -> list[Sample]:
     """Load a radiograph file into one sample (``FRAME k`` texts for multi-frame DICOM)."""
     from .. import dicom
     from ..errors import InvalidInputError
+    from ..limits import max_pixels as pixel_limit
 
     if path.is_dir():
         raise InvalidInputError(f"{path} is a folder; the radiograph modality reads one file")
     max_frames = opt_int(options, "max_frames", minimum=1)
+    limit = pixel_limit(options)
     if dicom.has_dicom_preamble(path):
         images, frame_ids, meta = dicom_to_rgb(path, apply_voi=opt_bool(options, "voi"),
-                                               max_frames=max_frames)
+                                               max_frames=max_frames, max_pixels=limit)
     elif path.suffix.lower() in IMAGE_SUFFIXES:
-        image, meta = _image_file(path)
+        image, meta = _image_file(path, limit)
         images, frame_ids = [image], [None]
     else:
         raise InvalidInputError(f"{path} is neither DICOM nor a PNG/JPEG image; "
@@ -151,5 +155,6 @@ def medgemma_register_modalities(register) -> None:  # noqa: ANN001
         options=(
             Option("voi", "true", "apply the DICOM VOI LUT / window when present"),
             Option("max_frames", "85", "frames kept from a multi-frame object (evenly sampled)"),
+            MAX_PIXELS_OPTION,
         ),
     ))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..hookspecs import hookimpl
+from ..limits import MAX_PIXELS_OPTION
 from ..sample import ImagePart, Location, Provenance, Sample
 from ..spec import ModalitySpec, Option, opt_float, opt_int
 
@@ -187,6 +188,7 @@ def load(path: Path, options: Mapping[str, str]) -> list[Sample]:
     import openslide
 
     from ..errors import InvalidInputError
+    from ..limits import check_pixels, max_pixels
 
     patch = opt_int(options, "patch_size", minimum=16)
     max_patches = opt_int(options, "max_patches", minimum=1)
@@ -195,8 +197,12 @@ def load(path: Path, options: Mapping[str, str]) -> list[Sample]:
     min_tissue = opt_float(options, "min_tissue")
     if min_tissue is None or not 0.0 <= min_tissue <= 1.0:
         raise InvalidInputError(f"option min_tissue={options['min_tissue']!r} must be in 0..1")
+    limit = max_pixels(options)
     slide = open_slide(path)
     try:
+        lw, lh = slide.level_dimensions[-1]
+        check_pixels(path, lw * lh, f"its smallest level ({lw} x {lh}; the tissue mask reads "
+                     "it whole, tile by tile)", limit)
         background = _background(slide)
         level = choose_level(slide, magnification, mpp)
         thumb, scale = thumbnail(slide, path, background)
@@ -246,5 +252,6 @@ def medgemma_register_modalities(register) -> None:  # noqa: ANN001
             Option("patch_size", "896", "patch side in pixels at the chosen level"),
             Option("max_patches", "125", "patches kept, evenly spaced in spatial order"),
             Option("min_tissue", "0.25", "fraction of a patch the tissue mask must cover"),
+            MAX_PIXELS_OPTION,
         ),
     ))
