@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_helpers import save_tiny_causal_lm, tiny_hf_config
 from safetensors.numpy import load_file, save_file
 
 from medgemma_core.checkpoints import CheckpointError, load_decoder, save_decoder
 from medgemma_core.config import Gemma3Config
+from medgemma_core.testing import save_tiny_causal_lm, tiny_hf_config
 from medsiglip import weights
 
 CFG = Gemma3Config.tiny(num_layers=3, vocab_size=300)

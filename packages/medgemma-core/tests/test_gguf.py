@@ -7,10 +7,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from hf_helpers import save_tiny_causal_lm
 
 from medgemma_core.checkpoints import CheckpointError, load_decoder
 from medgemma_core.config import Gemma3Config
+from medgemma_core.testing import save_tiny_causal_lm
 from medsiglip.weights import META
 
 CFG = Gemma3Config.tiny(num_layers=7, vocab_size=300)

@@ -44,7 +44,7 @@ from .sampling import Sampling  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 from .transformer import Gemma3, KVCache  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     # loading and generation
     "Completion", "MedGemma", "Sampling", "default_checkpoint", "load",
