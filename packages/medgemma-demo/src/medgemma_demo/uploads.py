@@ -10,10 +10,13 @@ file contents (file names of medical images often carry patient identifiers).
 from __future__ import annotations
 
 import logging
+import lzma
 import shutil
+import struct
 import tempfile
 import time
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -75,8 +78,19 @@ def _safe_members(zf: zipfile.ZipFile, limit_bytes: int) -> list[zipfile.ZipInfo
             if not any(p.startswith((".", "__MACOSX")) for p in PurePosixPath(m.filename).parts)]
 
 
+#: What :mod:`zipfile` raises on a damaged or crafted archive (besides ``BadZipFile``): bad
+#: deflate/bzip2/lzma streams, offsets past the end, malformed extra fields.
+_ZIP_DAMAGE = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError,
+               IndexError, struct.error, OverflowError)
+
+
 def unpack_zip(path: Path, dest: Path, *, max_bytes: int) -> Path:
-    """Unpack ``path`` into ``dest``; the folder to load (the single top folder when there is one)."""
+    """Unpack ``path`` into ``dest``; the folder to load (the single top folder when there is one).
+
+    The members may claim at most ``max_bytes * UNZIP_FACTOR`` bytes together, checked before
+    anything is written; a member that inflates past what it claims is cut there by
+    :mod:`zipfile` and fails its CRC check, so nothing unpacks past the limit.
+    """
     try:
         with zipfile.ZipFile(path) as zf:
             members = _safe_members(zf, max_bytes * UNZIP_FACTOR)
@@ -84,7 +98,15 @@ def unpack_zip(path: Path, dest: Path, *, max_bytes: int) -> Path:
                 raise UploadError("the zip is empty; zip the folder of DICOM slices")
             for m in members:
                 zf.extract(m, dest)
-    except zipfile.BadZipFile:
+    except UploadError:  # a ValueError: keep its own message
+        raise
+    except NotImplementedError:
+        raise UploadError("the .zip file uses a compression method the demo cannot unpack; "
+                          "re-create it with plain zip (deflate)") from None
+    except RuntimeError:  # zipfile: "File ... is encrypted, password required for extraction"
+        raise UploadError("the .zip file is encrypted; re-create it without a password") \
+            from None
+    except _ZIP_DAMAGE:
         raise UploadError("the .zip file is damaged or not a zip; re-create it") from None
     entries = [p for p in dest.iterdir()]
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else dest
