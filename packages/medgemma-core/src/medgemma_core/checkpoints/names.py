@@ -1,7 +1,8 @@
 """Tensor names of Hugging Face Gemma 3 checkpoints and how each maps onto our parameters.
 
 Hugging Face stores torch ``Linear`` weights as [out, in]; we store kernels [in, ...]:
-q [D, H, Hd], k/v [D, K, Hd], o [H, Hd, D], gate/up [D, F], down [F, D].
+q [D, H, Hd], k/v [D, K, Hd], o [H, Hd, D], gate/up [D, F], down [F, D]. Each spec carries
+the inverse conversion too (ours -> Hugging Face, bit for bit), used by the export.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ def text_specs(cfg: Gemma3Config, prefix: str = "") -> list[TensorSpec]:
     d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                       cfg.num_kv_heads, cfg.head_dim)
 
-    def spec(name, path, shape, convert=_ident):
-        return TensorSpec(path, prefix + name, shape, convert)
+    def spec(name, path, shape, convert=_ident, inverse=_ident):
+        return TensorSpec(path, prefix + name, shape, convert, inverse)
 
     specs = [
         spec("embed_tokens.weight", ("embedding",), (cfg.vocab_size, d)),
@@ -38,20 +39,20 @@ def text_specs(cfg: Gemma3Config, prefix: str = "") -> list[TensorSpec]:
             specs.append(spec(p + hf + ".weight", ("layers", i, ours, "scale"), (d,)))
         specs += [
             spec(p + "self_attn.q_proj.weight", ("layers", i, "attn", "q"), (h * hd, d),
-                 lambda w, h=h: w.T.reshape(d, h, hd)),
+                 lambda w: w.T.reshape(d, h, hd), lambda x: x.reshape(d, h * hd).T),
             spec(p + "self_attn.k_proj.weight", ("layers", i, "attn", "k"), (k * hd, d),
-                 lambda w, k=k: w.T.reshape(d, k, hd)),
+                 lambda w: w.T.reshape(d, k, hd), lambda x: x.reshape(d, k * hd).T),
             spec(p + "self_attn.v_proj.weight", ("layers", i, "attn", "v"), (k * hd, d),
-                 lambda w, k=k: w.T.reshape(d, k, hd)),
+                 lambda w: w.T.reshape(d, k, hd), lambda x: x.reshape(d, k * hd).T),
             spec(p + "self_attn.o_proj.weight", ("layers", i, "attn", "o"), (d, h * hd),
-                 lambda w, h=h: w.T.reshape(h, hd, d)),
+                 lambda w: w.T.reshape(h, hd, d), lambda x: x.reshape(h * hd, d).T),
             spec(p + "self_attn.q_norm.weight", ("layers", i, "attn", "q_norm", "scale"),
                  (hd,)),
             spec(p + "self_attn.k_norm.weight", ("layers", i, "attn", "k_norm", "scale"),
                  (hd,)),
-            spec(p + "mlp.gate_proj.weight", ("layers", i, "mlp", "gate"), (f, d), _t),
-            spec(p + "mlp.up_proj.weight", ("layers", i, "mlp", "up"), (f, d), _t),
-            spec(p + "mlp.down_proj.weight", ("layers", i, "mlp", "down"), (d, f), _t),
+            spec(p + "mlp.gate_proj.weight", ("layers", i, "mlp", "gate"), (f, d), _t, _t),
+            spec(p + "mlp.up_proj.weight", ("layers", i, "mlp", "up"), (f, d), _t, _t),
+            spec(p + "mlp.down_proj.weight", ("layers", i, "mlp", "down"), (d, f), _t, _t),
         ]
     return specs
 

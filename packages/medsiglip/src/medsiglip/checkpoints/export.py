@@ -34,8 +34,9 @@ from medsiglip.model import SiglipModel
 from medsiglip.vision import VisionTower
 from medsiglip.weights import TensorSpec
 
-__all__ = ["INDEX", "SIGLIP_FILES", "HFTensor", "copy_files", "parse_size", "plan_tensors",
-           "save_hf", "write_safetensors"]
+__all__ = ["INDEX", "SIGLIP_FILES", "HFTensor", "cast", "convert_checkpoint", "copy_files",
+           "dtype_name", "load_any", "parse_size", "plan_tensors", "prepare_folder", "save_hf",
+           "siglip_specs", "write_safetensors"]
 
 INDEX = "model.safetensors.index.json"
 #: Tokenizer and processor files of a SigLIP folder, copied from the source when present.
