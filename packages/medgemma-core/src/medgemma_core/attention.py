@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medsiglip.lora import adapt
+from medsiglip.sharding import constrain, param
+
 from .layers import RMSNorm, apply_rope, matmul
 
 NEG_INF = -2.3819763e38  # finite "minus infinity": fully-masked (padding) rows stay NaN-free
@@ -59,15 +62,18 @@ class Attention(nnx.Module):
     """Multi-/grouped-query attention with q/k RMSNorm. Kernels: q [D, H, Hd], k/v [D, K, Hd],
     o [H, Hd, D]."""
 
+    lora_targets = {"q": 1, "k": 1, "v": 1, "o": 2}
+
     def __init__(self, cfg, layer: int, *, dtype, rngs: nnx.Rngs):
         d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nnx.initializers.normal(0.02)
-        self.q = nnx.Param(init(rngs.params(), (d, h, hd), dtype))
-        self.k = nnx.Param(init(rngs.params(), (d, k, hd), dtype))
-        self.v = nnx.Param(init(rngs.params(), (d, k, hd), dtype))
-        self.o = nnx.Param(init(rngs.params(), (h, hd, d), dtype))
-        self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.q = param(init(rngs.params(), (d, h, hd), dtype), ("embed", "q_heads", "head_dim"))
+        self.k = param(init(rngs.params(), (d, k, hd), dtype), ("embed", "kv_heads", "head_dim"))
+        self.v = param(init(rngs.params(), (d, k, hd), dtype), ("embed", "kv_heads", "head_dim"))
+        self.o = param(init(rngs.params(), (h, hd, d), dtype), ("q_heads", "head_dim", "embed"))
+        self.lora = nnx.data(None)
+        self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, name="head_dim")
+        self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, name="head_dim")
         self.window = cfg.sliding_window if cfg.is_local(layer) else None
         self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
@@ -80,9 +86,12 @@ class Attention(nnx.Module):
         indices 0..S-1; a local layer's S = window ring slots hold ``ring_index`` (the slot
         indices *before* this call; the caller advances them).
         """
-        q = matmul(x, self.q[...], "btd,dhk->bthk")
-        k = matmul(x, self.k[...], "btd,dhk->bthk")
-        v = matmul(x, self.v[...], "btd,dhk->bthk")
+        q = adapt(self, "q", x, matmul(x, self.q[...], "btd,dhk->bthk"))
+        k = adapt(self, "k", x, matmul(x, self.k[...], "btd,dhk->bthk"))
+        v = adapt(self, "v", x, matmul(x, self.v[...], "btd,dhk->bthk"))
+        q = constrain(q, ("batch", "length", "act_heads", None))
+        k = constrain(k, ("batch", "length", "act_kv_heads", None))
+        v = constrain(v, ("batch", "length", "act_kv_heads", None))
         q = apply_rope(self.q_norm(q), inp.positions, inv_freq)
         # keys live as [B, K, S, Hd], values as [B, K, Hd, S]: the layouts in which XLA's CPU
         # matmuls read them (contracted axis last), so no decode step transposes the cache
@@ -119,7 +128,8 @@ class Attention(nnx.Module):
                 k_img = jnp.concatenate([jnp.zeros((k_img.shape[0], w), k_img.dtype), k_img], 1)
         q_img = inp.image_id if k_img is not None else None
         out = self._attend(q, keys, values, inp.q_index, kidx, inp.start, q_img, k_img)
-        return matmul(out, self.o[...], "bthk,hkd->btd"), new_cache
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        return adapt(self, "o", out, matmul(out, self.o[...], "bthk,hkd->btd")), new_cache
 
     def _decode_step(self, q, k, v, inp: AttnInputs, cache, ring_index):
         """One new token per row: attend to the cache as it was plus the token itself, then
@@ -149,7 +159,8 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgs,bkds->bkgd", probs[..., :s], cv.astype(q.dtype))
         out = out + probs[..., s:] * v[:, :, :, 0][:, :, None, :].astype(q.dtype)
-        out = matmul(out.reshape(b, h, hd), self.o[...], "bhk,hkd->bd")[:, None]
+        out = out.reshape(b, h, hd)
+        out = adapt(self, "o", out, matmul(out, self.o[...], "bhk,hkd->bd"))[:, None]
         new_cache = (jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, slot, 0)),
                      jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, slot)))
         return out, new_cache

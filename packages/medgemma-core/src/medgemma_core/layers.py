@@ -1,10 +1,18 @@
-"""Gemma 3 building blocks: RMSNorm(1 + w), rotary embeddings, the GeGLU feed-forward."""
+"""Gemma 3 building blocks: RMSNorm(1 + w), rotary embeddings, the GeGLU feed-forward.
+
+Parameters carry logical axis names (:mod:`medsiglip.sharding`): ``embed`` (D), ``mlp`` (F),
+``vocab``, ``q_heads``, ``kv_heads``, ``head_dim``; projections can carry LoRA adapters
+(:mod:`medsiglip.lora`).
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from medsiglip.lora import adapt
+from medsiglip.sharding import constrain, param
 
 
 class RMSNorm(nnx.Module):
@@ -13,8 +21,8 @@ class RMSNorm(nnx.Module):
     The scale is stored as Hugging Face stores it (zero-centred: 0 means identity).
     """
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32):
-        self.scale = nnx.Param(jnp.zeros((dim,), dtype))
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, name: str = "embed"):
+        self.scale = param(jnp.zeros((dim,), dtype), (name,))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -44,15 +52,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 class FeedForward(nnx.Module):
     """GeGLU: down(gelu_tanh(x @ gate) * (x @ up)). Kernels stored [in, out]."""
 
+    lora_targets = {"gate": 1, "up": 1, "down": 1}
+
     def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
-        self.gate = nnx.Param(init(rngs.params(), (dim, hidden), dtype))
-        self.up = nnx.Param(init(rngs.params(), (dim, hidden), dtype))
-        self.down = nnx.Param(init(rngs.params(), (hidden, dim), dtype))
+        self.gate = param(init(rngs.params(), (dim, hidden), dtype), ("embed", "mlp"))
+        self.up = param(init(rngs.params(), (dim, hidden), dtype), ("embed", "mlp"))
+        self.down = param(init(rngs.params(), (hidden, dim), dtype), ("mlp", "embed"))
+        self.lora = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = jax.nn.gelu(matmul(x, self.gate[...]), approximate=True)
-        return matmul(gate * matmul(x, self.up[...]), self.down[...])
+        names = ("batch", "length", "act_mlp")[-x.ndim:]
+        gate = adapt(self, "gate", x, matmul(x, self.gate[...]))
+        gate = constrain(jax.nn.gelu(gate, approximate=True), names)
+        h = gate * constrain(adapt(self, "up", x, matmul(x, self.up[...])), names)
+        return adapt(self, "down", h, matmul(h, self.down[...]))
 
 
 def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f") -> jax.Array:

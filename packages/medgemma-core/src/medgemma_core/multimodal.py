@@ -27,6 +27,8 @@ import numpy as np
 from flax import nnx
 
 from medsiglip import SiglipVisionConfig, VisionTower
+from medsiglip.lora import adapt
+from medsiglip.sharding import param
 
 from .config import Gemma3Config
 from .layers import RMSNorm
@@ -121,12 +123,17 @@ class MultimodalConfig:
 
 class Projector(nnx.Module):
     """Patch tokens ``[N, G*G, Dv]`` -> soft tokens ``[N, M, D]``: 4x4 (``pool``) average pool of
-    the row-major grid, RMSNorm(1 + w) over Dv, then ``x @ weight`` with ``weight [Dv, D]``."""
+    the row-major grid, RMSNorm(1 + w) over Dv, then ``x @ weight`` with ``weight [Dv, D]``
+    (plus its LoRA adapter, if any)."""
+
+    lora_targets = {"weight": 1}
 
     def __init__(self, cfg: MultimodalConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         dv, d = cfg.vision.hidden_size, cfg.text.hidden_size
-        self.norm = RMSNorm(dv, eps=cfg.vision.layer_norm_eps, dtype=dtype)
-        self.weight = nnx.Param(nnx.initializers.normal(dv ** -0.5)(rngs.params(), (dv, d), dtype))
+        self.norm = RMSNorm(dv, eps=cfg.vision.layer_norm_eps, dtype=dtype, name="vision_embed")
+        self.weight = param(nnx.initializers.normal(dv ** -0.5)(rngs.params(), (dv, d), dtype),
+                            ("vision_embed", "embed"))
+        self.lora = nnx.data(None)
         self.grid = cfg.vision.grid_size
         self.side = cfg.tokens_per_side
 
@@ -138,8 +145,9 @@ class Projector(nnx.Module):
         x = tokens.astype(jnp.float32).reshape(n, self.side, k, self.side, k, dv)
         x = x.mean(axis=(2, 4)).astype(tokens.dtype).reshape(n, self.side * self.side, dv)
         w = self.weight[...]  # f32 accumulation without an f32 copy of w (XLA on CPU)
-        out = jnp.matmul(self.norm(x).astype(w.dtype), w, preferred_element_type=jnp.float32)
-        return out.astype(tokens.dtype)
+        x = self.norm(x).astype(w.dtype)
+        out = jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(tokens.dtype)
+        return adapt(self, "weight", x, out)
 
 
 def image_blocks(tokens: jax.Array, image_token_id: int) -> jax.Array:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from medsiglip import weights
+from medsiglip.sharding import constrain, param
 
 from .attention import Attention, AttnInputs
 from .config import Gemma3Config
@@ -42,6 +43,9 @@ class KVCache:
                    jnp.asarray(start, jnp.int32), jnp.zeros((), jnp.int32))
 
 
+_TOKENS = ("batch", "length", "act_embed")  # [B, T, D] activations' logical axes
+
+
 class Block(nnx.Module):
     """Sandwich-norm decoder layer: h += post_attn(attn(pre_attn(h))); h += post_ffw(mlp(pre_ffw(h)))."""
 
@@ -55,10 +59,11 @@ class Block(nnx.Module):
         self.post_ffw_norm = RMSNorm(cfg.hidden_size, eps=eps, dtype=dtype)
 
     def __call__(self, h, inp, inv_freq, cache=None, ring_index=None):
+        h = constrain(h, _TOKENS)
         a, new_cache = self.attn(self.pre_attn_norm(h), inp, inv_freq, cache, ring_index)
         h = h + self.post_attn_norm(a)
         h = h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h)))
-        return h, new_cache
+        return constrain(h, _TOKENS), new_cache
 
 
 class Gemma3(nnx.Module):
@@ -67,8 +72,9 @@ class Gemma3(nnx.Module):
     def __init__(self, cfg: Gemma3Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = dtype
-        self.embedding = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.embedding = param(
+            nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype),
+            ("vocab", "embed"))
         self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs)
                                 for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)

@@ -3,6 +3,11 @@
 Shapes: ``B`` batch, ``T`` tokens, ``D`` hidden width, ``N`` heads, ``H = D // N``.
 Parameters are stored in ``dtype`` and the computation runs in ``dtype``; LayerNorm statistics
 are computed in float32 (Flax upcasts them).
+
+Every parameter carries logical axis names (:mod:`medsiglip.sharding`): ``vision_embed`` for
+the width D, ``vision_heads`` for the heads x head_dim side of q/k/v/out, ``vision_mlp`` for
+the MLP width (both SigLIP towers use these names). Projections are :class:`Dense` modules
+that can carry LoRA adapters (:mod:`medsiglip.lora`).
 """
 
 from __future__ import annotations
@@ -11,18 +16,50 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medsiglip.lora import adapt
+from medsiglip.sharding import constrain, param
+
+EMBED, HEADS, MLP_AXIS = "vision_embed", "vision_heads", "vision_mlp"
+TOKENS = ("batch", "length", "act_embed")  # [B, T, D] activations
+
 
 def gelu(x: jax.Array, hidden_act: str) -> jax.Array:
     """GELU as transformers names it: ``"gelu"`` is exact (erf), the others use tanh."""
     return jax.nn.gelu(x, approximate=hidden_act != "gelu")
 
 
-def layer_norm(width: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=dtype, rngs=rngs)
+def layer_norm(width: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs,
+               name: str = EMBED) -> nnx.LayerNorm:
+    meta = {"out_sharding": (name,), "eager_sharding": False}
+    return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=dtype, rngs=rngs,
+                         scale_metadata=meta, bias_metadata=meta)
 
 
-def linear(d_in: int, d_out: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=True, dtype=dtype, param_dtype=dtype, rngs=rngs)
+class Dense(nnx.Module):
+    """``x @ kernel + bias`` (``kernel [in, out]``, lecun-normal; ``bias [out]``, zeros) plus
+    its LoRA adapter, if any. The input is cast to the kernel's dtype, as ``nnx.Linear``
+    does; ``names``: the kernel's two logical axes."""
+
+    lora_targets = {"kernel": 1}
+
+    def __init__(self, d_in: int, d_out: int, names: tuple[str | None, str | None], *,
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = param(init(rngs.params(), (d_in, d_out), dtype), names)
+        self.bias = param(nnx.initializers.zeros(rngs.params(), (d_out,), dtype), names[1:])
+        self.lora = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        x = x.astype(kernel.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        y = y + self.bias[...].astype(kernel.dtype)
+        return adapt(self, "kernel", x, y)
+
+
+def linear(d_in: int, d_out: int, dtype: jnp.dtype, rngs: nnx.Rngs,
+           names: tuple[str | None, str | None] = (EMBED, EMBED)) -> Dense:
+    return Dense(d_in, d_out, names, dtype=dtype, rngs=rngs)
 
 
 #: ``implementation`` of ``jax.nn.dot_product_attention`` on accelerators: ``"auto"`` (cuDNN's
@@ -77,12 +114,13 @@ class MLP(nnx.Module):
 
     def __init__(self, hidden: int, intermediate: int, hidden_act: str, *,
                  dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-        self.fc1 = linear(hidden, intermediate, dtype, rngs)
-        self.fc2 = linear(intermediate, hidden, dtype, rngs)
+        self.fc1 = linear(hidden, intermediate, dtype, rngs, (EMBED, MLP_AXIS))
+        self.fc2 = linear(intermediate, hidden, dtype, rngs, (MLP_AXIS, EMBED))
         self.hidden_act = hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu(self.fc1(x), self.hidden_act))
+        h = gelu(self.fc1(x), self.hidden_act)
+        return self.fc2(constrain(h, (*TOKENS[:-1], "act_mlp")[-h.ndim:]))
 
 
 class Attention(nnx.Module):
@@ -95,14 +133,15 @@ class Attention(nnx.Module):
     def __init__(self, hidden: int, num_heads: int, *, dtype: jnp.dtype = jnp.float32,
                  rngs: nnx.Rngs):
         self.num_heads = num_heads
-        self.q_proj = linear(hidden, hidden, dtype, rngs)
-        self.k_proj = linear(hidden, hidden, dtype, rngs)
-        self.v_proj = linear(hidden, hidden, dtype, rngs)
-        self.out_proj = linear(hidden, hidden, dtype, rngs)
+        self.q_proj = linear(hidden, hidden, dtype, rngs, (EMBED, HEADS))
+        self.k_proj = linear(hidden, hidden, dtype, rngs, (EMBED, HEADS))
+        self.v_proj = linear(hidden, hidden, dtype, rngs, (EMBED, HEADS))
+        self.out_proj = linear(hidden, hidden, dtype, rngs, (HEADS, EMBED))
 
     def _heads(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
-        return x.reshape(b, t, self.num_heads, d // self.num_heads)
+        x = x.reshape(b, t, self.num_heads, d // self.num_heads)
+        return constrain(x, ("batch", "length", "act_heads", None))
 
     def __call__(self, x: jax.Array, kv: jax.Array | None = None) -> jax.Array:
         kv = x if kv is None else kv
@@ -125,8 +164,9 @@ class EncoderBlock(nnx.Module):
         self.mlp = MLP(hidden, intermediate, hidden_act, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = constrain(x, TOKENS)
         x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        return constrain(x + self.mlp(self.layer_norm2(x)), TOKENS)
 
 
 class Encoder(nnx.Module):

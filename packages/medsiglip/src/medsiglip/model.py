@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medsiglip.config import SiglipConfig
+from medsiglip.sharding import param
 from medsiglip.text import TextTower
 from medsiglip.vision import VisionTower
 
@@ -39,8 +40,8 @@ class SiglipModel(nnx.Module):
         self.vision = VisionTower(config.vision, dtype=dtype, rngs=rngs)
         self.text = TextTower(config.text, dtype=dtype, rngs=rngs)
         # big_vision's init: t = log(10), b = -10.
-        self.logit_scale = nnx.Param(jnp.full((1,), jnp.log(10.0), jnp.float32))
-        self.logit_bias = nnx.Param(jnp.full((1,), -10.0, jnp.float32))
+        self.logit_scale = param(jnp.full((1,), jnp.log(10.0), jnp.float32), (None,))
+        self.logit_bias = param(jnp.full((1,), -10.0, jnp.float32), (None,))
 
     def image_features(self, pixels: jax.Array) -> jax.Array:
         """Images ``[B, H, W, C]`` -> unnormalized pooled embeddings ``[B, D]``."""

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medsiglip.config import SiglipTextConfig
-from medsiglip.layers import Encoder, layer_norm, linear
+from medsiglip.layers import EMBED, Encoder, layer_norm, linear
+from medsiglip.sharding import param
 
 
 class TextTower(nnx.Module):
@@ -23,17 +24,18 @@ class TextTower(nnx.Module):
         self.config = config
         d = config.hidden_size
         self.token_embedding = nnx.Embed(
-            config.vocab_size, d, dtype=dtype, param_dtype=dtype, rngs=rngs
+            config.vocab_size, d, dtype=dtype, param_dtype=dtype, rngs=rngs,
+            embedding_metadata={"out_sharding": ("vocab", EMBED), "eager_sharding": False},
         )
-        self.position_embedding = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (config.max_positions, d), dtype)
-        )
+        self.position_embedding = param(
+            nnx.initializers.normal(0.02)(rngs.params(), (config.max_positions, d), dtype),
+            ("vision_pos", EMBED))
         self.encoder = Encoder(
             config.num_layers, d, config.intermediate_size, config.num_heads,
             config.layer_norm_eps, config.hidden_act, dtype=dtype, rngs=rngs,
         )
         self.final_layer_norm = layer_norm(d, config.layer_norm_eps, dtype, rngs)
-        self.head = linear(d, config.projection_size, dtype, rngs)
+        self.head = linear(d, config.projection_size, dtype, rngs, (EMBED, None))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """Token ids ``[B, L]`` -> final-LayerNorm states ``[B, L, D]``."""

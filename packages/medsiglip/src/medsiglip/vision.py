@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medsiglip.config import SiglipVisionConfig
-from medsiglip.layers import MLP, Attention, Encoder, layer_norm
+from medsiglip.layers import EMBED, MLP, TOKENS, Attention, Encoder, layer_norm
+from medsiglip.sharding import constrain, param
 
 
 class PatchEmbedding(nnx.Module):
@@ -26,11 +27,12 @@ class PatchEmbedding(nnx.Module):
     def __init__(self, config: SiglipVisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         p, c, d = config.patch_size, config.num_channels, config.hidden_size
         init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (p, p, c, d), dtype))
-        self.bias = nnx.Param(jnp.zeros((d,), dtype))
-        self.position_embedding = nnx.Param(
-            nnx.initializers.normal(d**-0.5)(rngs.params(), (config.num_patches, d), dtype)
-        )
+        patch = "vision_patch"
+        self.kernel = param(init(rngs.params(), (p, p, c, d), dtype), (patch, patch, patch, EMBED))
+        self.bias = param(jnp.zeros((d,), dtype), (EMBED,))
+        self.position_embedding = param(
+            nnx.initializers.normal(d**-0.5)(rngs.params(), (config.num_patches, d), dtype),
+            ("vision_pos", EMBED))
         self.patch_size = p
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -40,7 +42,8 @@ class PatchEmbedding(nnx.Module):
         x = pixels.astype(self.kernel.dtype)
         x = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
         kernel = self.kernel[...].reshape(p * p * c, -1)
-        return x @ kernel + self.bias[...] + self.position_embedding[...]
+        x = constrain(x, ("batch", "length", "act_patches"))
+        return constrain(x @ kernel + self.bias[...] + self.position_embedding[...], TOKENS)
 
 
 class MAPHead(nnx.Module):
@@ -49,7 +52,8 @@ class MAPHead(nnx.Module):
 
     def __init__(self, config: SiglipVisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d = config.hidden_size
-        self.probe = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (1, 1, d), dtype))
+        self.probe = param(nnx.initializers.normal(1.0)(rngs.params(), (1, 1, d), dtype),
+                           (None, None, EMBED))
         self.attention = Attention(d, config.num_heads, dtype=dtype, rngs=rngs)
         self.layernorm = layer_norm(d, config.layer_norm_eps, dtype, rngs)
         self.mlp = MLP(d, config.intermediate_size, config.hidden_act, dtype=dtype, rngs=rngs)

@@ -1,0 +1,263 @@
+"""LoRA adapters for every linear projection of medsiglip's and medgemma-core's models.
+
+A module with projections lists them in ``lora_targets`` (parameter name -> number of input
+axes of its kernel: 1 for ``[D, ...]`` kernels, 2 for Gemma's ``o [H, Hd, D]``) and holds
+``self.lora`` (``None``, or an ``nnx.Dict`` parameter name -> :class:`LoRA`); its forward
+adds the adapter's output to the base product (:func:`adapt`). :func:`apply_lora` attaches
+adapters without changing any base parameter path, so checkpoints load before or after::
+
+    model = medgemma_core.load(folder)
+    apply_lora(model, LoRAConfig(rank=16, alpha=16, dropout=0.05), rngs=nnx.Rngs(0))
+    wrt = trainable_filter(model, decoder="lora", vision="frozen", projector="lora")
+    optimizer = nnx.Optimizer(model, optax.adamw(2e-4), wrt=wrt)
+
+An adapter of a kernel ``W [*in, *out]`` holds ``a [*in, r]`` (uniform in
+``+-1/sqrt(fan_in)``, PEFT's default) and ``b [r, *out]`` (zeros) and adds
+``dropout(x) @ a @ b * alpha / r``. Dropout is off until ``model.train()`` (and back off with
+``model.eval()``); its random state lives in the adapter. The adapter's parameters are
+``nnx.LoRAParam`` (a subclass of ``nnx.Param``), named for sharding like their kernel with a
+replicated ``lora_rank`` axis.
+
+:func:`merge_lora` folds each adapter into its kernel (``W += a @ b * scale``, computed in
+float32) and marks it merged, so the forward no longer adds it; :func:`unmerge_lora` takes it
+out again (exact up to the kernel dtype's rounding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medsiglip.sharding import param_names
+
+__all__ = ["DEFAULT_TARGETS", "LoRA", "LoRAConfig", "adapt", "adapters", "apply_lora",
+           "base_filter", "lora_filter", "merge_lora", "trainable_filter", "unmerge_lora"]
+
+#: Every linear projection: Gemma 3's q/k/v/o and gate/up/down, SigLIP's q/k/v/out and
+#: fc1/fc2 (both towers, not the MAP head's pooling attention), and the projector.
+DEFAULT_TARGETS = (r"attn/(q|k|v|o)$|mlp/(gate|up|down)$|self_attn/(q|k|v|out)_proj/kernel$"
+                   r"|mlp/fc[12]/kernel$|projector/weight$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """``rank`` r, ``alpha`` (the scale is alpha / r), ``dropout`` on the adapter input in
+    training, ``targets``: a regex searched in each projection's parameter path, e.g.
+    ``"decoder/layers/0/attn/q"`` or ``"vision/encoder/layers/3/mlp/fc1/kernel"``."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        try:
+            re.compile(self.targets)
+        except re.error as exc:
+            raise ValueError(f"LoRA targets {self.targets!r} is not a valid regex ({exc})"
+                             ) from None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRA(nnx.Module):
+    """One adapter of a kernel ``[*in, *out]``: ``x [..., *in] -> [..., *out]``."""
+
+    def __init__(self, kernel: nnx.Variable, n_in: int, config: LoRAConfig, *,
+                 rngs: nnx.Rngs):
+        shape, dtype = tuple(kernel.shape), kernel.dtype
+        in_shape, out_shape = shape[:n_in], shape[n_in:]
+        names = param_names(kernel) or (None,) * len(shape)
+        r = config.rank
+        bound = 1.0 / math.sqrt(math.prod(in_shape))
+        a = jax.random.uniform(rngs.params(), (*in_shape, r), jnp.float32, -bound, bound)
+        self.a = nnx.LoRAParam(a.astype(dtype), out_sharding=(*names[:n_in], "lora_rank"),
+                               eager_sharding=False)
+        self.b = nnx.LoRAParam(jnp.zeros((r, *out_shape), dtype),
+                               out_sharding=("lora_rank", *names[n_in:]), eager_sharding=False)
+        self.scale = float(config.scale)
+        self.dropout = (nnx.Dropout(config.dropout, deterministic=True, rngs=rngs)
+                        if config.dropout > 0 else None)
+        self.merged = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in, r = self.a.ndim - 1, self.rank
+        lead = x.shape[:x.ndim - n_in]
+        if self.dropout is not None:
+            x = self.dropout(x)
+        a = self.a[...].reshape(-1, r).astype(x.dtype)
+        b = self.b[...].reshape(r, -1).astype(x.dtype)
+        h = jnp.matmul(x.reshape(*lead, -1), a, preferred_element_type=jnp.float32)
+        out = jnp.matmul(h.astype(x.dtype), b, preferred_element_type=jnp.float32)
+        return (out * self.scale).astype(x.dtype).reshape(*lead, *self.b.shape[1:])
+
+    def delta(self) -> jax.Array:
+        """``a @ b * scale`` in float32, shaped like the kernel ``[*in, *out]``."""
+        r = self.rank
+        a = self.a[...].astype(jnp.float32).reshape(-1, r)
+        b = self.b[...].astype(jnp.float32).reshape(r, -1)
+        return (a @ b * self.scale).reshape(*self.a.shape[:-1], *self.b.shape[1:])
+
+
+def adapt(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """``y`` (the base product of ``module``'s parameter ``name`` with ``x``) plus its
+    unmerged adapter's output, or ``y`` itself."""
+    table = getattr(module, "lora", None)
+    if table is None or name not in table:
+        return y
+    adapter = table[name]
+    if adapter.merged:
+        return y
+    return y + adapter(x).astype(y.dtype)
+
+
+def _targets(model: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Module, str, int]]:
+    for path, node in nnx.iter_graph(model):
+        targets = getattr(type(node), "lora_targets", None)
+        if isinstance(node, nnx.Module) and targets:
+            for name, n_in in targets.items():
+                yield tuple(path), node, name, n_in
+
+
+def _path(path: tuple[Any, ...], name: str) -> str:
+    return "/".join(map(str, (*path, name)))
+
+
+def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[str]:
+    """Attach an adapter to every projection whose parameter path ``config.targets`` matches
+    (in place); returns those paths. Base parameters and their paths are unchanged."""
+    pattern = re.compile(config.targets)
+    chosen = [(path, node, name, n_in) for path, node, name, n_in in _targets(model)
+              if pattern.search(_path(path, name))]
+    if not chosen:
+        examples = [_path(p, n) for p, _, n, _ in _targets(model)][:3]
+        raise ValueError(f"LoRA targets {config.targets!r} match no projection of this model; "
+                         f"its paths look like {examples}")
+    done = []
+    for path, node, name, n_in in chosen:
+        table = node.lora
+        if table is not None and name in table:
+            raise ValueError(f"{_path(path, name)} already has a LoRA adapter; merge_lora or "
+                             f"build the model again before applying another")
+        adapter = LoRA(getattr(node, name), n_in, config, rngs=rngs)
+        if table is None:
+            node.lora = nnx.Dict({name: adapter})
+        else:
+            table[name] = adapter
+        done.append(_path(path, name))
+    return done
+
+
+def adapters(model: nnx.Module) -> list[tuple[str, nnx.Module, str, LoRA]]:
+    """``(path, module, parameter name, adapter)`` of every adapter in ``model``."""
+    out = []
+    for path, node, name, _ in _targets(model):
+        table = node.lora
+        if table is not None and name in table:
+            out.append((_path(path, name), node, name, table[name]))
+    return out
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Fold every unmerged adapter into its kernel (in place); the forward then skips it."""
+    for _, node, name, adapter in adapters(model):
+        if not adapter.merged:
+            kernel = getattr(node, name)
+            w = kernel.get_value()
+            kernel.set_value((w.astype(jnp.float32) + adapter.delta()).astype(w.dtype))
+            adapter.merged = True
+    return model
+
+
+def unmerge_lora(model: nnx.Module) -> nnx.Module:
+    """Take every merged adapter out of its kernel again (in place)."""
+    for _, node, name, adapter in adapters(model):
+        if adapter.merged:
+            kernel = getattr(node, name)
+            w = kernel.get_value()
+            kernel.set_value((w.astype(jnp.float32) - adapter.delta()).astype(w.dtype))
+            adapter.merged = False
+    return model
+
+
+# ---- what trains ------------------------------------------------------------------------------
+_MODES = ("lora", "full", "frozen")
+#: top-level attribute -> part, for models built of parts (the image-text model, SigLIP)
+_PARTS = {"decoder": "decoder", "vision": "vision", "projector": "projector", "text": "text"}
+
+
+def lora_filter(path: tuple[Any, ...], variable: Any) -> bool:
+    """The adapters' parameters."""
+    return isinstance(variable, nnx.LoRAParam)
+
+
+def base_filter(path: tuple[Any, ...], variable: Any) -> bool:
+    """Every parameter that is not an adapter's."""
+    return isinstance(variable, nnx.Param) and not isinstance(variable, nnx.LoRAParam)
+
+
+def trainable_filter(model: nnx.Module, *, decoder: str = "lora", vision: str = "frozen",
+                     projector: str = "frozen", text: str = "frozen") -> Any:
+    """An nnx filter (``(path, variable) -> bool``) of the parameters to train, per part:
+    ``"lora"`` (its adapters only), ``"full"`` (all its parameters, adapters included) or
+    ``"frozen"``. Parts are the model's ``decoder``, ``vision``, ``projector`` and ``text``
+    (SigLIP's text tower) attributes; a model without them is one part: ``vision`` for a
+    vision tower (a module whose class name starts with ``Vision``), else ``decoder``.
+
+    A part set to ``"lora"`` without adapters, or a part the model lacks set to anything but
+    ``"frozen"``, is an error (it would silently train nothing)."""
+    modes = {"decoder": decoder, "vision": vision, "projector": projector, "text": text}
+    for part, mode in modes.items():
+        if mode not in _MODES:
+            raise ValueError(f"{part}={mode!r}: choose one of {', '.join(_MODES)}")
+    split = any(isinstance(getattr(model, a, None), nnx.Module) for a in _PARTS)
+    whole = "vision" if type(model).__name__.startswith("Vision") else "decoder"
+
+    def part_of(path: tuple[Any, ...]) -> str | None:
+        if not split:
+            return whole
+        return _PARTS.get(str(path[0])) if path else None
+
+    present: dict[str, set[str]] = {}
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        part = part_of(tuple(path))
+        if part is not None:
+            present.setdefault(part, set()).add("lora" if lora_filter(path, variable) else "base")
+    for part, mode in modes.items():
+        if mode == "frozen":
+            continue
+        if part not in present:
+            raise ValueError(f"{part}={mode!r} but this {type(model).__name__} has no {part}; "
+                             f"leave it 'frozen'")
+        if mode == "lora" and "lora" not in present[part]:
+            raise ValueError(f"{part}='lora' but the {part} has no LoRA adapters: run "
+                             f"apply_lora with targets that match it, or choose 'full'/'frozen'")
+
+    def trainable(path: tuple[Any, ...], variable: Any) -> bool:
+        if not isinstance(variable, nnx.Param):
+            return False
+        mode = modes.get(part_of(tuple(path)) or "", "frozen")
+        if mode == "full":
+            return True
+        return mode == "lora" and isinstance(variable, nnx.LoRAParam)
+
+    return trainable
