@@ -16,7 +16,7 @@ def test_help_is_plain_text(capsys):
     markup = re.compile(r"`|:(func|class|meth|mod|attr|obj|exc|ref|doc):")
     subparsers = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
     commands = [[]] + [[name] for a in subparsers for name in a.choices]
-    assert len(commands) == 3
+    assert len(commands) == 4  # medgemma, generate, chat, convert
     for command in commands:
         with pytest.raises(SystemExit) as done:
             main([*command, "--help"])

@@ -187,3 +187,62 @@ def test_image_text_model_of_our_own_weights(tmp_path, mm_folder):
     x = _image_prompt(model.config.mm_tokens_per_image, seed=3)
     np.testing.assert_allclose(_mm_ref(ref, x, pixels), np.asarray(model(x, pixels)),
                                atol=1e-4, rtol=1e-4)
+
+
+# ---- medgemma convert ---------------------------------------------------------------------
+def test_convert_text_hf_to_orbax_and_back(tmp_path, text_folder, capsys):
+    from medgemma_core.cli import main
+
+    folder, _ = text_folder
+    assert main(["convert", str(folder), "--to", "orbax", str(tmp_path / "orbax")]) == 0
+    assert "text model, float32" in capsys.readouterr().out
+    ours, _ = load_decoder(tmp_path / "orbax")(ids())
+    want, _ = load_decoder(folder)(ids())
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(want))
+    assert main(["convert", str(tmp_path / "orbax"), "--to", "hf", str(tmp_path / "hf"),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["kind"] == "text" and result["tensors"] == 2 + 13 * CFG.num_layers
+    assert_bitwise(tensors(tmp_path / "hf"), tensors(folder))
+    assert main(["convert", str(folder), "--to", "hf", str(tmp_path / "bf"), "--dtype",
+                 "bfloat16"]) == 0
+    assert all(v.dtype == ml_dtypes.bfloat16 for v in tensors(tmp_path / "bf").values())
+
+
+def test_convert_errors_are_one_line(tmp_path, text_folder, capsys):
+    from medgemma_core.cli import main
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    for argv, words in [
+        (["convert", str(text_folder[0]), "--to", "hf", str(tmp_path / "full")], "--overwrite"),
+        (["convert", str(tmp_path / "absent"), "--to", "hf", str(tmp_path / "o")], "absent"),
+        (["convert", str(text_folder[0]), "--to", "hf", str(tmp_path / "o"),
+          "--max-shard-size", "lots"], "5GB"),
+        (["convert", str(tmp_path / "full"), "--to", "orbax", str(tmp_path / "o2")],
+         "config.json"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the error
+        assert "Traceback" not in "".join(err) and sum("medgemma: error:" in x for x in err) == 1
+        assert err[-1].startswith("medgemma: error:") and words in err[-1], err
+
+
+def test_convert_image_text_to_orbax_loads_and_back_to_bf16_hf(tmp_path, mm_folder):
+    from medgemma_core import load
+    from medgemma_core.cli import main
+
+    folder, _ = mm_folder
+    assert main(["convert", str(folder), "--to", "orbax", str(tmp_path / "orbax")]) == 0
+    model = load(tmp_path / "orbax")  # model + tokenizer + processor from the Orbax folder
+    assert model.is_multimodal and model.tokenizer.image_token_id == IMAGE
+    assert main(["convert", str(tmp_path / "orbax"), "--to", "hf", str(tmp_path / "hf"),
+                 "--dtype", "bfloat16", "--max-shard-size", "10MB"]) == 0
+    out = tensors(tmp_path / "hf")
+    original = tensors(folder)
+    assert sorted(out) == sorted(original)
+    for name, value in original.items():  # f32 -> bf16: round to nearest even, as ml_dtypes
+        np.testing.assert_array_equal(out[name].view(np.uint16),
+                                      value.astype(ml_dtypes.bfloat16).view(np.uint16), name)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForConditionalGeneration"] and cfg["dtype"] == "bfloat16"

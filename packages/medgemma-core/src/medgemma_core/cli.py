@@ -17,6 +17,7 @@ examples:
   medgemma generate --checkpoint medgemma-4b-it/ --chat --system "You are a radiologist." \\
       --prompt "Describe this X-ray." --image cxr.png
   medgemma chat --checkpoint medgemma-4b-it/
+  medgemma convert gemma-3-270m.gguf --to hf gemma-3-270m-hf/
 """
 
 
@@ -57,7 +58,42 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="interactive chat in the terminal")
     common(c)
+
+    v = sub.add_parser(
+        "convert", help="convert a checkpoint to a Hugging Face or Orbax folder",
+        description="Convert any checkpoint medgemma reads (a Hugging Face folder, a .gguf file "
+                    "or an Orbax folder; text or image-text) into a Hugging Face folder that "
+                    "transformers loads with from_pretrained (--to hf: safetensors shards, "
+                    "config.json, tokenizer files) or an Orbax folder (--to orbax).")
+    v.add_argument("source", metavar="SRC", help="Hugging Face folder, .gguf file or Orbax folder")
+    v.add_argument("--to", required=True, choices=["hf", "orbax"], help="output format")
+    v.add_argument("out", metavar="OUT", help="output folder (new or empty)")
+    v.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="parameter dtype of the output (auto: the source's; float32 for GGUF)")
+    v.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors file of --to hf, e.g. 5GB or 500MB (default 5GB)")
+    v.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    v.add_argument("--json", action="store_true",
+                   help="print one JSON object as the last line of stdout")
     return p
+
+
+def _convert(args) -> int:
+    from .checkpoints.export import convert_checkpoint
+
+    def say(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    result = convert_checkpoint(args.source, args.out, to=args.to, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                say=say)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['out']}: {result['kind']} model, {result['dtype']}, "
+              f"{result['tensors']} tensors ({args.to})")
+    return 0
 
 
 def _sampling(args):
@@ -159,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "convert":
+            return _convert(args)
         return _chat(args)
     except KeyboardInterrupt:
         return 130

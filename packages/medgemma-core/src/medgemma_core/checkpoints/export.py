@@ -40,8 +40,8 @@ from ..transformer import Gemma3
 from .multimodal import _projector_specs
 from .names import text_specs
 
-__all__ = ["MM_PREFIXES", "TEXT_PREFIX", "TOKENIZER_FILES", "hf_config", "hf_specs", "save_hf",
-           "write_tokenizer_files"]
+__all__ = ["MM_PREFIXES", "TEXT_PREFIX", "TOKENIZER_FILES", "convert_checkpoint", "hf_config",
+           "hf_specs", "load_any", "save_hf", "write_tokenizer_files"]
 
 #: The decoder's prefix in a Gemma3ForCausalLM folder.
 TEXT_PREFIX = "model."
@@ -169,3 +169,99 @@ def save_hf(model: Gemma3 | Gemma3Multimodal, folder: str | Path, *,
         (folder / "generation_config.json").write_text(
             json.dumps(_generation_config(model, tokenizer), indent=2) + "\n")
     return folder
+
+
+# ---- medgemma convert ---------------------------------------------------------------------
+def _source_dtype(path: Path) -> str:
+    """The dtype a checkpoint holds its weights in (``float32`` for GGUF: dequantized)."""
+    from medsiglip import weights
+
+    if path.is_dir() and weights.is_saved(path):
+        return str(weights.read_meta(path).get("dtype", "float32"))
+    if path.is_dir() and (path / "config.json").is_file():
+        raw = weights.read_hf_config(path)
+        name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get(
+            "dtype") or "float32"
+        return "bfloat16" if name == "bfloat16" else "float32"
+    return "float32"
+
+
+def load_any(source: str | Path, dtype: str = "auto") -> Gemma3 | Gemma3Multimodal:
+    """The text or image-text model of any checkpoint ``medgemma_core.load`` reads (a Hugging
+    Face folder, a GGUF file, an Orbax folder), in ``dtype`` (``auto``: the source's). A GGUF
+    file is dequantized without writing the conversion cache."""
+    from medsiglip import weights
+    from medsiglip.weights import abstract_module, fill
+
+    from . import load_decoder, resolve_dtype, text_source
+    from .multimodal import is_multimodal, load_multimodal
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder; pass a Hugging Face folder, "
+                                f"a .gguf file or an Orbax folder")
+    want = _source_dtype(path) if dtype == "auto" else dtype
+    if is_multimodal(path):
+        return load_multimodal(path, dtype=want)
+    if path.is_dir() and weights.is_saved(path):
+        return load_decoder(path, dtype=want)
+    src, cfg, prefix = text_source(path)
+    jdtype = resolve_dtype(want)
+    abstract = abstract_module(lambda rngs: Gemma3(cfg, dtype=jdtype, rngs=rngs))
+    return fill(abstract, src, text_specs(cfg, prefix))
+
+
+def convert_checkpoint(source: str | Path, out: str | Path, *, to: str, dtype: str = "auto",
+                       max_shard_size: int | str = "5GB", overwrite: bool = False,
+                       say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``medgemma convert``: load ``source`` (:func:`load_any`) and write ``out`` as a Hugging
+    Face folder (``to="hf"``, :func:`save_hf`) or an Orbax folder (``to="orbax"``, which
+    ``medgemma_core.load`` reads, tokenizer files included). ``say(text)`` reports progress
+    (a line ending in ``\\r`` is overwritten by the next). Returns a JSON-able summary."""
+    from medsiglip.checkpoints.export import parse_size
+
+    from . import save_decoder
+    from .multimodal import save_multimodal
+
+    say = say if say is not None else (lambda text: None)
+    if to not in ("hf", "orbax"):
+        raise ValueError(f"--to {to!r}: use hf or orbax")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"--dtype {dtype!r}: use auto, float32 or bfloat16")
+    parse_size(max_shard_size)
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or folder; pass a Hugging Face folder, "
+                                f"a .gguf file or an Orbax folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"{out} exists and is not an empty folder: pass --overwrite or a new "
+                         f"folder")
+    if out.resolve() == source.resolve():
+        raise ValueError(f"{out} is the source itself; write the conversion to a new folder")
+    say(f"reading {source}\n")
+    model = load_any(source, dtype)
+    kind = "image-text" if isinstance(model, Gemma3Multimodal) else "text"
+    n = len(hf_specs(model))
+    if to == "hf":
+        done = [0]
+
+        def progress(name: str) -> None:
+            done[0] += 1
+            say(f"writing tensors {done[0]}/{n}\r")
+
+        save_hf(model, out, source=source, max_shard_size=max_shard_size, overwrite=True,
+                progress=progress)
+        say("\n")
+    else:
+        say("writing the Orbax checkpoint\n")
+        if kind == "image-text":
+            save_multimodal(model, out)
+        else:
+            save_decoder(model, out)
+        copied = copy_files(source, out, TOKENIZER_FILES)
+        gguf = _gguf_file(source)
+        if "tokenizer.model" not in copied and gguf is not None:
+            write_tokenizer_files(out, Tokenizer.from_gguf(gguf))
+    say(f"wrote {out}\n")
+    return {"converted": str(source), "to": to, "out": str(out), "kind": kind,
+            "dtype": dtype_name(model), "tensors": n}
