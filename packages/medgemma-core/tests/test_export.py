@@ -246,3 +246,25 @@ def test_convert_image_text_to_orbax_loads_and_back_to_bf16_hf(tmp_path, mm_fold
                                       value.astype(ml_dtypes.bfloat16).view(np.uint16), name)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["architectures"] == ["Gemma3ForConditionalGeneration"] and cfg["dtype"] == "bfloat16"
+
+
+# ---- the real Gemma 3 270M GGUF -> a folder transformers loads -----------------------------
+def test_real_270m_gguf_to_hf_folder(tmp_path, gguf_path, gemma_tokenizer):
+    """llama.cpp's Q4_K_M file (dequantized) as a safetensors folder: transformers'
+    Gemma3ForCausalLM and AutoTokenizer load it; its logits on a prompt match ours from the
+    GGUF, and its tokenizer gives our ids."""
+    from medgemma_core.checkpoints.export import load_any
+    from medgemma_core.cli import main
+
+    out = tmp_path / "hf"
+    assert main(["convert", str(gguf_path), "--to", "hf", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+            "generation_config.json"} <= {p.name for p in out.iterdir()}
+    prompt = "Question: What is the most common cause of community-acquired pneumonia?\nAnswer:"
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    want_ids = gemma_tokenizer.encode(prompt, add_bos=True)
+    assert tok(prompt)["input_ids"] == want_ids
+    x = np.asarray([want_ids])
+    ours, _ = load_any(gguf_path)(x)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(hf_logits(ref, x), np.asarray(ours), atol=1e-4, rtol=1e-4)
