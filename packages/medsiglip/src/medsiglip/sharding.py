@@ -23,8 +23,9 @@ already used by an earlier dimension of the same array is not used again.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["LOGICAL_RULES", "MESH_AXES", "constrain", "logical_to_mesh", "make_mesh", "param",
+__all__ = ["LOGICAL_RULES", "MESH_AXES", "MemoryReport", "constrain", "memory_report", "logical_to_mesh", "make_mesh", "param",
            "param_names", "parse_mesh_shape", "shard_model", "shardings", "tree_shardings"]
 
 #: The mesh axes, outermost first: data parallel, fully-sharded data parallel, tensor parallel.
@@ -126,9 +127,10 @@ def logical_to_mesh(names: Names | None, mesh: Mesh | Mapping[str, int],
 def parse_mesh_shape(spec: str | Mapping[str, int], devices: int | None = None
                      ) -> dict[str, int]:
     """``"data=2,fsdp=2,tensor=2"`` (or a mapping) -> ``{"data": 2, "fsdp": 2, "tensor": 2}``
-    over ``devices`` (default: every JAX device). Missing axes are 1; one axis may be -1, the
-    devices the others leave. The sizes must multiply to ``devices``."""
-    n = jax.device_count() if devices is None else int(devices)
+    over ``devices``. Missing axes are 1; one axis may be -1, the devices the others leave
+    (``devices`` defaults to every JAX device then). With ``devices``, the sizes must
+    multiply to it; without (and no -1), any sizes go (a mesh planned for other machines)."""
+    n = None if devices is None else int(devices)
     if isinstance(spec, str):
         parsed: dict[str, int] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -159,6 +161,10 @@ def parse_mesh_shape(spec: str | Mapping[str, int], devices: int | None = None
         raise ValueError(f"mesh shape {spec!r}: only one axis may be -1")
     sizes = {a: parsed.get(a, 1) for a in MESH_AXES}
     known = math.prod(v for v in sizes.values() if v != -1)
+    if n is None:
+        if not rest:
+            return sizes
+        n = jax.device_count()
     if rest:
         if n % known:
             raise ValueError(f"mesh shape {spec!r}: {n} devices do not divide by {known}; "
@@ -221,27 +227,40 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def _param_specs(params: nnx.State, mesh: Any
+                 ) -> dict[tuple[str, ...], tuple[tuple[int, ...], PartitionSpec]]:
+    out = {}
+    for path, variable in nnx.to_flat_state(params):
+        out[tuple(str(p) for p in path)] = (tuple(variable.get_value().shape),
+                                            _spec_of(variable, mesh))
+    return out
+
+
+def _match_specs(tree: Any, table: Mapping[tuple[str, ...], tuple[tuple[int, ...], PartitionSpec]]
+                 ) -> Any:
+    """A spec per leaf of ``tree``: the spec of the parameter whose path ends its key path
+    (with the same shape), else replicated."""
+
+    def one(key_path: Any, leaf: Any) -> PartitionSpec:
+        keys = tuple(_key_name(k) for k in key_path)
+        shape = tuple(np.shape(leaf))
+        for start in range(len(keys)):
+            for end in (len(keys), len(keys) - 1):  # a trailing .value of a Variable
+                hit = table.get(keys[start:end])
+                if hit is not None and hit[0] == shape:
+                    return hit[1]
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def tree_shardings(tree: Any, params: nnx.State, mesh: Mesh) -> Any:
     """Shardings for a pytree derived from ``params`` (e.g. an optax state whose moments
     mirror the parameters): a leaf whose key path ends with a parameter's path and has its
-    shape gets that parameter's sharding; every other leaf is replicated."""
-    by_path: dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]] = {}
-    for path, variable in nnx.to_flat_state(params):
-        value = variable.get_value()
-        key = tuple(str(p) for p in path)
-        by_path[key] = (tuple(value.shape), NamedSharding(mesh, _spec_of(variable, mesh)))
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def one(key_path: Any, leaf: Any) -> NamedSharding:
-        keys = tuple(_key_name(k) for k in key_path)
-        shape = tuple(np.shape(leaf))
-        for n in range(len(keys), 0, -1):
-            hit = by_path.get(keys[-n:])
-            if hit is not None and hit[0] == shape:
-                return hit[1]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(one, tree)
+    shape gets that parameter's sharding; every other leaf (a step count) is replicated."""
+    specs = _match_specs(tree, _param_specs(params, mesh))
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def _key_name(key: Any) -> str:
@@ -250,3 +269,122 @@ def _key_name(key: Any) -> str:
             return str(getattr(key, attr))
     return str(key)
 
+
+# ---- memory --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Per-device bytes of a model's training state on a mesh (from shapes only): the
+    parameters, their gradients and the optimizer state (both over the trainable ones)."""
+
+    mesh: tuple[tuple[str, int], ...]
+    optimizer: str
+    param_count: int
+    trainable_count: int
+    param_bytes: int
+    param_bytes_per_device: int
+    grad_bytes_per_device: int
+    optimizer_bytes: int
+    optimizer_bytes_per_device: int
+    replicated: tuple[str, ...]  # parameters this mesh cannot shard (over 1 MiB), by path
+
+    @property
+    def devices(self) -> int:
+        return math.prod(n for _, n in self.mesh)
+
+    @property
+    def total_bytes_per_device(self) -> int:
+        return (self.param_bytes_per_device + self.grad_bytes_per_device
+                + self.optimizer_bytes_per_device)
+
+    def __str__(self) -> str:
+        def gib(n: int) -> str:
+            return f"{n / (1 << 30):10.2f} GiB"
+
+        mesh = ",".join(f"{a}={n}" for a, n in self.mesh)
+        lines = [
+            f"mesh {mesh} ({self.devices} devices), optimizer {self.optimizer}",
+            f"{'':14}{'total':>14}{'per device':>16}",
+            f"  parameters  {gib(self.param_bytes)}  {gib(self.param_bytes_per_device)}"
+            f"   {self.param_count / 1e9:.3f} B, {self.trainable_count / 1e9:.3f} B trainable",
+            f"  gradients   {'':14}  {gib(self.grad_bytes_per_device)}",
+            f"  optimizer   {gib(self.optimizer_bytes)}  {gib(self.optimizer_bytes_per_device)}",
+            f"  sum         {'':14}  {gib(self.total_bytes_per_device)}"
+            f"   activations not included",
+        ]
+        if self.replicated:
+            lines.append(f"  replicated: {len(self.replicated)} parameter(s) over 1 MiB this "
+                         f"mesh cannot shard, e.g. {self.replicated[0]}")
+        return "\n".join(lines)
+
+
+def _optimizer(optimizer: Any) -> tuple[str, Any]:
+    import optax
+
+    if not isinstance(optimizer, str):
+        return type(optimizer).__name__, optimizer
+    makers = {"adamw": lambda: optax.adamw(1e-4), "adam": lambda: optax.adam(1e-4),
+              "sgd": lambda: optax.sgd(1e-4), "none": lambda: optax.identity()}
+    if optimizer not in makers:
+        raise ValueError(f"optimizer={optimizer!r}: choose one of {', '.join(makers)} or pass "
+                         f"an optax GradientTransformation")
+    return optimizer, makers[optimizer]()
+
+
+def _per_device(leaf: Any, spec: PartitionSpec, sizes: Mapping[str, int]) -> tuple[int, int]:
+    nbytes = int(np.prod(np.shape(leaf), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    shards = 1
+    for axes in spec:
+        for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+            shards *= sizes[axis]
+    return nbytes, nbytes // shards
+
+
+def memory_report(model: nnx.Module | Callable[[Any], nnx.Module],
+                  mesh_shape: str | Mapping[str, int] | Mesh, *, optimizer: Any = "adamw",
+                  trainable: Any = nnx.Param, devices: int | None = None) -> MemoryReport:
+    """Per-device parameter, gradient and optimizer bytes of ``model`` on a mesh, computed
+    with ``jax.eval_shape`` (no memory, no devices needed).
+
+    ``model``: a module (abstract or not) or ``build(rngs) -> module`` (built abstract, see
+    :func:`medsiglip.weights.abstract_module`). ``mesh_shape``: ``"fsdp=8"``-style (``-1``
+    takes ``devices``, default every JAX device), a mapping or a ``Mesh``. ``optimizer``:
+    ``"adamw"``, ``"adam"``, ``"sgd"``, ``"none"`` or an optax transformation, whose state
+    (over the ``trainable`` parameters, an nnx filter) is sharded like the parameters."""
+    from medsiglip.weights import abstract_module
+
+    if not isinstance(model, nnx.Module):
+        model = abstract_module(model)
+    if hasattr(mesh_shape, "shape") and not isinstance(mesh_shape, Mapping):
+        sizes = _axis_sizes(mesh_shape)
+    else:
+        sizes = parse_mesh_shape(mesh_shape, devices)
+    name, tx = _optimizer(optimizer)
+    params = nnx.state(model, nnx.Param)
+    train = nnx.state(model, nnx.All(nnx.Param, trainable))
+    table = _param_specs(params, sizes)
+    total = per_device = count = 0
+    replicated = []
+    for path, variable in nnx.to_flat_state(params):
+        key = tuple(str(p) for p in path)
+        shape, spec = table[key]
+        nbytes, mine = _per_device(variable.get_value(), spec, sizes)
+        total, per_device, count = total + nbytes, per_device + mine, count + math.prod(shape)
+        if mine == nbytes and nbytes > (1 << 20) and math.prod(sizes.values()) > 1:
+            replicated.append("/".join(key))
+    grads = 0
+    train_count = 0
+    for path, variable in nnx.to_flat_state(train):
+        shape, spec = table[tuple(str(p) for p in path)]
+        grads += _per_device(variable.get_value(), spec, sizes)[1]
+        train_count += math.prod(shape)
+    pure = nnx.to_pure_dict(train)
+    opt_state = jax.eval_shape(tx.init, pure)
+    specs = _match_specs(opt_state, table)
+    opt_total = opt_mine = 0
+    for leaf, spec in zip(jax.tree.leaves(opt_state),
+                          jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+                          strict=True):
+        nbytes, mine = _per_device(leaf, spec, sizes)
+        opt_total, opt_mine = opt_total + nbytes, opt_mine + mine
+    return MemoryReport(tuple(sizes.items()), name, count, train_count, total, per_device, grads,
+                        opt_total, opt_mine, tuple(replicated))
