@@ -268,3 +268,22 @@ def test_real_270m_gguf_to_hf_folder(tmp_path, gguf_path, gemma_tokenizer):
     ours, _ = load_any(gguf_path)(x)
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     np.testing.assert_allclose(hf_logits(ref, x), np.asarray(ours), atol=1e-4, rtol=1e-4)
+
+
+def test_lora_adapters_must_be_merged_then_export_the_merged_weights(tmp_path, text_folder):
+    from medsiglip.lora import LoRAConfig, apply_lora, merge_lora
+
+    model = load_decoder(text_folder[0])
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0), rngs=nnx.Rngs(0))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        if path[-1] == "b":  # b starts at zero: make the adapters change the output
+            var.set_value(0.1 * np.random.default_rng(len(path)).standard_normal(var.shape)
+                          .astype(np.float32))
+    adapted, _ = model(ids())
+    with pytest.raises(ValueError, match="unmerged LoRA adapters.*merge_lora"):
+        save_hf(model, tmp_path / "o")
+    merge_lora(model)
+    out = save_hf(model, tmp_path / "merged")
+    ref = transformers.Gemma3ForCausalLM.from_pretrained(out).eval()
+    assert np.abs(hf_logits(ref, ids()) - hf_logits(text_folder[1], ids())).max() > 1e-2
+    np.testing.assert_allclose(hf_logits(ref, ids()), np.asarray(adapted), atol=1e-4, rtol=1e-4)

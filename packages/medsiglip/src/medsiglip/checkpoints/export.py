@@ -84,9 +84,21 @@ class HFTensor:
 def plan_tensors(model: nnx.Module, specs: Iterable[TensorSpec]) -> list[HFTensor]:
     """The checkpoint tensors of ``model`` through ``specs`` (paths into ``nnx.state(model)``),
     in the parameters' dtypes. Every parameter must be covered by exactly one spec with an
-    inverse; a tensor several specs read (a packed ``in_proj``) is their inverses' results
+    inverse (LoRA adapters must be merged: their parameters are then left out); a tensor several specs read (a packed ``in_proj``) is their inverses' results
     concatenated along axis 0. Nothing is computed until each tensor's ``make()``."""
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    lora = [path for path, var in flat.items() if isinstance(var, nnx.LoRAParam)]
+    if lora:  # merged adapters are already in the base weights; unmerged ones have no place
+        from medsiglip.lora import adapters
+
+        unmerged = [path for path, _, _, adapter in adapters(model) if not adapter.merged]
+        if unmerged:
+            raise ValueError(f"the model carries {len(unmerged)} unmerged LoRA adapters (e.g. "
+                             f"{unmerged[0]}): fold them into the base weights with "
+                             f"medsiglip.lora.merge_lora(model) first, or export them alone as "
+                             f"a PEFT adapter")
+        for path in lora:
+            del flat[path]
     groups: dict[str, list[TensorSpec]] = {}
     for spec in specs:
         if spec.path not in flat:
