@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from medsiglip import weights
+from medsiglip.remat import check_remat, remat_block
 from medsiglip.sharding import constrain, param
 
 from .attention import Attention, AttnInputs
@@ -106,14 +108,19 @@ class Gemma3(nnx.Module):
     def __call__(self, tokens: jax.Array, *, embeddings: jax.Array | None = None,
                  cache: KVCache | None = None, start: jax.Array | None = None,
                  image_id: jax.Array | None = None,
-                 logits_at: str = "all") -> tuple[jax.Array, KVCache | None]:
+                 logits_at: str = "all", remat: str = "none") -> tuple[jax.Array, KVCache | None]:
         """Run T new tokens [B, T].
 
         Without a cache the tokens are a whole sequence at indices 0..T-1 (``start`` marks left
         padding). With a cache they continue at ``cache.length``. ``embeddings`` [B, T, D]
         replaces the token embedding (the image-text model inserts soft tokens there).
         ``logits_at``: "all" [B, T, V], "last" [B, V], or "none" (final hidden states).
+        ``remat``: the rematerialization policy of every block for training
+        (:mod:`medsiglip.remat`: "none", "full", "dots"); only without a cache.
         """
+        if check_remat(remat) != "none" and cache is not None:
+            raise ValueError("remat is for training (whole sequences); pass remat='none' with "
+                             "a KV cache")
         b, t = tokens.shape
         h = self.embed(tokens) if embeddings is None else embeddings
         base = jnp.zeros((), jnp.int32) if cache is None else cache.length
@@ -124,12 +131,17 @@ class Gemma3(nnx.Module):
         inp = AttnInputs(q_index=qidx, start=start, positions=jnp.maximum(positions, 0),
                          image_id=image_id)
         freqs = self._inv_freqs()
+        run = remat_block(_run_block, remat)
         new_layers: list[Any] = []
         for i, block in enumerate(self.layers):
             local = self.config.is_local(i)
             entry = None if cache is None else cache.layers[i]
             ring = None if cache is None else cache.ring_index
-            h, new = block(h, inp, freqs[local], entry, ring)
+            if cache is None:
+                h = run(block, h, dataclasses.astuple(inp), freqs[local])
+                new = None
+            else:
+                h, new = block(h, inp, freqs[local], entry, ring)
             new_layers.append(new)
         new_cache = None
         if cache is not None:
@@ -142,6 +154,11 @@ class Gemma3(nnx.Module):
         if logits_at == "last":
             h = h[:, -1]
         return self.logits(h), new_cache
+
+
+def _run_block(block: Block, h: jax.Array, inp: tuple, inv_freq: jax.Array) -> jax.Array:
+    """One block without a cache; ``inp`` is the AttnInputs' fields (a pytree, for nnx.remat)."""
+    return block(h, AttnInputs(*inp), inv_freq)[0]
 
 
 def _advance_ring(ring: jax.Array, qidx: jax.Array) -> jax.Array:

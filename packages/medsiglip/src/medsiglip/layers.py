@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medsiglip.lora import adapt
+from medsiglip.remat import remat_block
 from medsiglip.sharding import constrain, param
 
 EMBED, HEADS, MLP_AXIS = "vision_embed", "vision_heads", "vision_mlp"
@@ -180,7 +181,13 @@ class Encoder(nnx.Module):
             for _ in range(num_layers)
         ])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, remat: str = "none") -> jax.Array:
+        """``remat``: the rematerialization policy of every block (:mod:`medsiglip.remat`)."""
+        run = remat_block(_run_block, remat)
         for layer in self.layers:
-            x = layer(x)
+            x = run(layer, x)
         return x
+
+
+def _run_block(block: EncoderBlock, x: jax.Array) -> jax.Array:
+    return block(x)

@@ -92,11 +92,12 @@ class VisionTower(nnx.Module):
                 f"{cfg.image_size}) or resize the position embedding to your size"
             )
 
-    def __call__(self, pixels: jax.Array) -> jax.Array:
-        """Normalized images ``[B, H, W, C]`` -> post-LayerNorm patch tokens ``[B, N, D]``."""
+    def __call__(self, pixels: jax.Array, *, remat: str = "none") -> jax.Array:
+        """Normalized images ``[B, H, W, C]`` -> post-LayerNorm patch tokens ``[B, N, D]``
+        (``remat``: the encoder blocks' policy, :mod:`medsiglip.remat`)."""
         self._check(pixels)
         x = self.embeddings(pixels)
-        x = self.encoder(x)
+        x = self.encoder(x, remat=remat)
         return self.post_layernorm(x)
 
     def pool(self, tokens: jax.Array) -> jax.Array:

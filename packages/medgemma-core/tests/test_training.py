@@ -1,0 +1,267 @@
+"""Training forward passes and the loss against transformers' ``loss.backward()`` (tiny random
+checkpoints; the image-text one has the real 262,208-row vocabulary)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from medgemma_core import Gemma3Config, TrainingBatch, load_decoder
+from medgemma_core.checkpoints.multimodal import _projector_specs, load_multimodal
+from medgemma_core.checkpoints.names import text_specs
+from medgemma_core.testing import IMAGE_SIZE, save_tiny_causal_lm, save_tiny_mm
+from medgemma_core.training import (
+    TrainBatch,
+    forward_hidden,
+    naive_next_token_loss,
+    next_token_loss,
+)
+from medsiglip.checkpoints.convert import vision_specs
+
+GRAD_TOL = 1e-4  # max |ours - transformers| / max |transformers|, per tensor
+_ZERO_GRADIENT = "self_attn.k_proj.bias"
+
+
+# ---- the tiny models ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_text")
+    ref = save_tiny_causal_lm(folder, Gemma3Config.tiny())
+    return load_decoder(folder), ref
+
+
+@pytest.fixture(scope="module")
+def mm_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_mm")
+    ref = save_tiny_mm(folder)
+    return load_multimodal(folder), ref
+
+
+def _image_text_batch(cfg, images_per_row=(0, 1, 2), seed=0, pad=3) -> TrainingBatch:
+    """Right-padded rows of text and ``<start_of_image>`` + M image tokens + ``<end_of_image>``,
+    labels -100 on padding, image and ``<start_of_image>`` tokens (as Processor.collate)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in images_per_row:
+        ids = list(rng.integers(10, 5000, 4))
+        for _ in range(n):
+            ids += [cfg.boi_token_id] + [cfg.image_token_id] * cfg.mm_tokens_per_image
+            ids += [cfg.eoi_token_id] + list(rng.integers(10, 5000, 3))
+        rows.append(ids)
+    b, t = len(rows), max(map(len, rows)) + pad
+    ids = np.zeros((b, t), np.int32)
+    mask = np.zeros((b, t), np.int32)
+    labels = np.full((b, t), -100, np.int32)
+    for r, row in enumerate(rows):
+        row = np.asarray(row, np.int32)
+        ids[r, :len(row)], mask[r, :len(row)] = row, 1
+        no_loss = (row == cfg.image_token_id) | (row == cfg.boi_token_id)
+        labels[r, :len(row)] = np.where(no_loss, -100, row)
+    s = cfg.vision.image_size
+    pixels = rng.uniform(-1, 1, (sum(images_per_row), s, s, 3)).astype(np.float32)
+    return TrainingBatch(ids, mask, labels, (ids == cfg.image_token_id).astype(np.int32), pixels,
+                         list(images_per_row))
+
+
+def _text_batch(vocab: int, seed=0) -> TrainBatch:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (3, 29)).astype(np.int32)  # longer than the window of 8
+    mask = np.ones_like(tokens)
+    mask[1, 20:] = 0  # right padding
+    labels = np.where(rng.random(tokens.shape) < 0.2, -100, tokens).astype(np.int32)
+    labels[mask == 0] = -100
+    return TrainBatch(tokens, labels, mask)
+
+
+# ---- transformers' side ---------------------------------------------------------------------
+def _hf_loss_and_grads(ref, **inputs) -> tuple[float, dict[str, np.ndarray]]:
+    ref.zero_grad()
+    out = ref(**{k: torch.as_tensor(v) for k, v in inputs.items()})
+    out.loss.backward()
+    grads = {n: p.grad.double().numpy() for n, p in ref.named_parameters()}
+    return float(out.loss.detach()), grads
+
+
+def _mean_loss_and_grads(model, batch, **kw):
+    def mean(m):
+        total, n = next_token_loss(m, batch, **kw)
+        return total / n
+
+    return nnx.value_and_grad(mean)(model)
+
+
+def _compare(grads, hf_grads, specs) -> dict[str, float]:
+    """Every parameter's gradient against transformers' (converted with its spec), and every
+    parameter covered by exactly one spec."""
+    ours = {tuple(p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
+            for p, v in nnx.to_flat_state(grads)}
+    assert sorted(map(str, ours)) == sorted(str(s.path) for s in specs)
+    assert {s.name for s in specs} == set(hf_grads)  # lm_head is the tied embedding
+    errors = {}
+    for s in specs:
+        want = np.asarray(s.convert(hf_grads[s.name]))
+        got = ours[tuple(s.path)]
+        assert got.shape == want.shape, s.name
+        scale = np.max(np.abs(want))
+        if s.name.endswith(_ZERO_GRADIENT):
+            # a key bias adds q.b to every score of a query: softmax ignores it, its gradient is
+            # zero and both sides hold rounding noise; compare it with the query bias's scale
+            q_bias = np.max(np.abs(hf_grads[s.name.replace("k_proj", "q_proj")]))
+            assert max(np.max(np.abs(got)), scale) <= 1e-5 * q_bias, s.name
+            continue
+        assert scale > 0, f"{s.name}: transformers' gradient is zero; the test would be empty"
+        errors[s.name] = float(np.max(np.abs(got - want)) / scale)
+    bad = {k: v for k, v in errors.items() if v > GRAD_TOL}
+    assert not bad, bad
+    return errors
+
+
+# ---- parity with transformers ---------------------------------------------------------------
+def test_text_loss_and_grads_match_transformers(text_pair):
+    model, ref = text_pair
+    cfg = model.config
+    batch = _text_batch(cfg.vocab_size)
+    want_loss, want = _hf_loss_and_grads(ref.train(), input_ids=batch.tokens.astype(np.int64),
+                                         attention_mask=batch.attention_mask.astype(np.int64),
+                                         labels=batch.labels.astype(np.int64))
+    loss, grads = _mean_loss_and_grads(model, batch, chunk=16)
+    assert abs(float(loss) - want_loss) < 1e-5
+    errors = _compare(grads, want, text_specs(cfg, "model."))
+    print(f"text: loss {float(loss):.6f} (transformers {want_loss:.6f}), worst gradient "
+          f"{max(errors.values()):.2e} ({max(errors, key=errors.get)})")
+
+
+def test_image_text_loss_and_grads_match_transformers(mm_pair):
+    """Rows with 0, 1 and 2 images in 2 slots; window 8 < image block 16; the vision tower's
+    and the projector's gradients included."""
+    model, ref = mm_pair
+    cfg = model.config
+    collated = _image_text_batch(cfg)
+    batch = TrainBatch.from_collated(collated, slots=2)
+    assert batch.pixels.shape == (3, 2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert batch.image_mask.tolist() == [[False, False], [True, False], [True, True]]
+    want_loss, want = _hf_loss_and_grads(
+        ref.train(), input_ids=collated.input_ids.astype(np.int64),
+        attention_mask=collated.attention_mask.astype(np.int64),
+        token_type_ids=collated.token_type_ids.astype(np.int64),
+        pixel_values=collated.pixel_values.transpose(0, 3, 1, 2),
+        labels=collated.labels.astype(np.int64))
+    loss, grads = _mean_loss_and_grads(model, batch, chunk=32)
+    assert abs(float(loss) - want_loss) < 1e-5
+    specs = [_prefixed(s, "decoder") for s in text_specs(cfg.text, "model.language_model.")]
+    specs += [_prefixed(s, "vision") for s in vision_specs(cfg.vision, "model.vision_tower.")]
+    specs += [_prefixed(s, "projector")
+              for s in _projector_specs(cfg, "model.multi_modal_projector.")]
+    errors = _compare(grads, want, specs)
+    print(f"image-text: loss {float(loss):.6f} (transformers {want_loss:.6f}), worst gradient "
+          f"{max(errors.values()):.2e} ({max(errors, key=errors.get)})")
+
+
+def _prefixed(spec, head):
+    return dataclasses.replace(spec, path=(head,) + tuple(spec.path))
+
+
+# ---- chunked loss ---------------------------------------------------------------------------
+def test_chunked_loss_equals_naive_and_needs_less_memory(mm_pair):
+    model, _ = mm_pair
+    batch = TrainBatch.from_collated(_image_text_batch(model.config, (1, 0), seed=3, pad=20),
+                                     slots=1)
+    n = batch.tokens.shape[0] * (batch.tokens.shape[1] - 1)
+    assert 64 < n < 128  # two chunks of 64, the second one padded
+
+    def mean(loss_fn):
+        return lambda m: (lambda s, n: s / n)(*loss_fn(m, batch))
+
+    chunked = mean(lambda m, b: next_token_loss(m, b, chunk=64))
+    naive = mean(naive_next_token_loss)
+    lc, gc = nnx.value_and_grad(chunked)(model)
+    ln, gn = nnx.value_and_grad(naive)(model)
+    assert abs(float(lc) - float(ln)) <= 1e-6 * abs(float(ln))
+    want = dict(nnx.to_flat_state(gn))
+    for path, got in nnx.to_flat_state(gc):
+        a, b = np.asarray(got.get_value()), np.asarray(want[path].get_value())
+        if path[-2:] == ("k_proj", "bias"):  # zero in exact arithmetic (see _compare)
+            q_bias = np.asarray(want[path[:-2] + ("q_proj", "bias")].get_value())
+            assert max(np.max(np.abs(a)), np.max(np.abs(b))) <= 1e-5 * np.max(np.abs(q_bias))
+            continue
+        assert np.max(np.abs(a - b)) <= 1e-6 * np.max(np.abs(b)), path
+
+    b, t = batch.tokens.shape
+    v = model.config.text.vocab_size
+    logits_bytes = b * (t - 1) * v * 4
+    graphdef, state = nnx.split(model)
+    temp = {}
+    for name, fn in (("naive", naive), ("chunk 64", chunked),
+                     ("chunk 16", mean(lambda m, b: next_token_loss(m, b, chunk=16)))):
+        def step(state, fn=fn):
+            return jax.value_and_grad(lambda s: fn(nnx.merge(graphdef, s)))(state)
+
+        compiled = jax.jit(step).lower(state).compile()
+        temp[name] = compiled.memory_analysis().temp_size_in_bytes
+    print(f"value_and_grad temp_size_in_bytes, B={b} T={t} V={v} (f32 logits {logits_bytes} "
+          f"bytes): " + ", ".join(f"{k} {n}" for k, n in temp.items()))
+    assert temp["naive"] >= logits_bytes  # the naive program holds the whole logits
+    assert temp["chunk 16"] < logits_bytes
+    assert temp["chunk 16"] < temp["chunk 64"] < temp["naive"]
+
+
+# ---- static shapes, the Python boundary ------------------------------------------------------
+def test_one_compile_for_batches_with_different_image_counts(mm_pair):
+    model, _ = mm_pair
+    traces = []
+
+    @jax.jit
+    def step(state, batch):
+        traces.append(1)
+        return jax.grad(lambda s: next_token_loss(nnx.merge(graphdef, s), batch)[0])(state)
+
+    graphdef, state = nnx.split(model)
+    first = TrainBatch.from_collated(_image_text_batch(model.config, (0, 1, 2), pad=3), slots=2)
+    second = TrainBatch.from_collated(_image_text_batch(model.config, (2, 2, 0), pad=3), slots=2)
+    assert first.tokens.shape == second.tokens.shape
+    assert first.image_mask.sum() != second.image_mask.sum()
+    step(state, first)
+    step(state, second)
+    assert len(traces) == 1 and step._cache_size() == 1
+
+
+def test_image_count_errors_at_the_boundary(mm_pair):
+    cfg = mm_pair[0].config
+    collated = _image_text_batch(cfg, (0, 1, 2))
+    with pytest.raises(ValueError, match="row 2 holds 2 images but the batch has 1 image slots"):
+        TrainBatch.from_collated(collated, slots=1)
+    broken = TrainingBatch(collated.input_ids, collated.attention_mask, collated.labels,
+                           collated.token_type_ids, collated.pixel_values, [0, 2, 1])
+    with pytest.raises(ValueError, match="row 1 holds image-token runs of lengths"):
+        TrainBatch.from_collated(broken, slots=2)
+    short = TrainingBatch(collated.input_ids, collated.attention_mask, collated.labels,
+                          collated.token_type_ids, collated.pixel_values[:2], [0, 1, 2])
+    with pytest.raises(ValueError, match="2 images for images_per_row"):
+        TrainBatch.from_collated(short, slots=2)
+    with pytest.raises(ValueError, match="labels has shape"):
+        TrainBatch(collated.input_ids, collated.labels[:, :-1], collated.attention_mask)
+
+
+def test_text_model_rejects_images(text_pair, mm_pair):
+    batch = TrainBatch.from_collated(_image_text_batch(mm_pair[0].config, (1,)), slots=1)
+    with pytest.raises(ValueError, match="text-only Gemma3 model got a batch with images"):
+        forward_hidden(text_pair[0], batch)
+
+
+def test_soft_tokens_go_to_their_own_rows(mm_pair):
+    """Slot k of row b fills row b's k-th image run: moving an image from row 0 to row 2
+    (batch order changes, per-row content does not) leaves each row's hidden states alone."""
+    model, _ = mm_pair
+    collated = _image_text_batch(model.config, (1, 0, 2), seed=5)
+    swapped = TrainingBatch(*(x[::-1] for x in (collated.input_ids, collated.attention_mask,
+                                                 collated.labels, collated.token_type_ids)),
+                            np.concatenate([collated.pixel_values[1:], collated.pixel_values[:1]]),
+                            [2, 0, 1])
+    a = forward_hidden(model, TrainBatch.from_collated(collated, slots=2))
+    b = forward_hidden(model, TrainBatch.from_collated(swapped, slots=2))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b)[::-1], atol=1e-5, rtol=1e-5)
