@@ -42,6 +42,7 @@ from .processor import Processed, Processor, ProcessorConfig, TrainingBatch  # n
 from .prompts import PromptEncoder, Prompts  # noqa: E402
 from .sampling import Sampling  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
+from .training import TrainBatch, forward_hidden, naive_next_token_loss, next_token_loss  # noqa: E402
 from .transformer import Gemma3, KVCache  # noqa: E402
 
 __version__ = "0.2.0"
@@ -56,4 +57,6 @@ __all__ = [
     "DecodeState", "Engine", "Generation", "PromptEncoder", "Prompts", "enable_compilation_cache",
     # checkpoints (Hugging Face folders, GGUF, Orbax)
     "CheckpointError", "load_decoder", "load_multimodal", "save_decoder", "save_multimodal",
+    # training (medgemma_core.training)
+    "TrainBatch", "forward_hidden", "naive_next_token_loss", "next_token_loss",
 ]
