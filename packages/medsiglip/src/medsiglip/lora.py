@@ -40,10 +40,12 @@ from medsiglip.sharding import param_names
 __all__ = ["DEFAULT_TARGETS", "LoRA", "LoRAConfig", "adapt", "adapters", "apply_lora",
            "base_filter", "lora_filter", "merge_lora", "trainable_filter", "unmerge_lora"]
 
-#: Every linear projection: Gemma 3's q/k/v/o and gate/up/down, SigLIP's q/k/v/out and
-#: fc1/fc2 (both towers, not the MAP head's pooling attention), and the projector.
-DEFAULT_TARGETS = (r"attn/(q|k|v|o)$|mlp/(gate|up|down)$|self_attn/(q|k|v|out)_proj/kernel$"
-                   r"|mlp/fc[12]/kernel$|projector/weight$")
+#: Every projection of the transformer blocks: Gemma 3's q/k/v/o and gate/up/down, SigLIP's
+#: q/k/v/out and fc1/fc2 (the encoder blocks of both towers; not the MAP pooling head nor the
+#: text tower's final head), and MedGemma's projector.
+DEFAULT_TARGETS = (r"attn/(q|k|v|o)$|mlp/(gate|up|down)$"
+                   r"|encoder/layers/\d+/(self_attn/(q|k|v|out)_proj|mlp/fc[12])/kernel$"
+                   r"|projector/weight$")
 
 
 @dataclasses.dataclass(frozen=True)
