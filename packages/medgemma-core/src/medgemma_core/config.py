@@ -125,7 +125,18 @@ class Gemma3Config:
     def from_hf_dict(cls, cfg: Mapping[str, Any]) -> Gemma3Config:
         """Parse a Hugging Face ``config.json`` (Gemma3ForCausalLM, or the ``text_config`` of
         Gemma3ForConditionalGeneration), in both the old (``rope_theta``, ``rope_scaling``,
-        ``rope_local_base_freq``) and the transformers 5 (``rope_parameters``) spellings."""
+        ``rope_local_base_freq``) and the transformers 5 (``rope_parameters``) spellings.
+        An invalid config, or a value of the wrong type (a list for a number), is a
+        ``ValueError``."""
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"Gemma3Config: the config is a {type(cfg).__name__}, not an object")
+        try:
+            return cls._from_hf_dict(cfg)
+        except (TypeError, AttributeError, OverflowError) as exc:
+            raise ValueError(f"Gemma3Config: a config value has the wrong type ({exc})") from None
+
+    @classmethod
+    def _from_hf_dict(cls, cfg: Mapping[str, Any]) -> Gemma3Config:
         if "text_config" in cfg:
             cfg = cfg["text_config"] or {}
         n = int(cfg.get("num_hidden_layers", 26))

@@ -82,7 +82,11 @@ class MultimodalConfig:
         def pick(*keys: str, default: int) -> int:
             for k in keys:
                 if cfg.get(k) is not None:
-                    return int(cfg[k])
+                    try:
+                        return int(cfg[k])
+                    except (TypeError, ValueError, OverflowError):
+                        raise ValueError(f"config.json: {k} is {cfg[k]!r:.40}, not a token id or "
+                                         "count") from None
             return default
 
         return cls(

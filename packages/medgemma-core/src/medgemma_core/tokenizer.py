@@ -153,12 +153,18 @@ def _read_model(path: Path) -> sp_pb2.ModelProto:
         raise ValueError(f"{path} is not a SentencePiece model ({e})") from e
     if not proto.pieces:
         raise ValueError(f"{path} is not a SentencePiece model (it has no pieces)")
+    bad = next((i for i, p in enumerate(proto.pieces) if not isinstance(p.piece, str)), None)
+    if bad is not None:  # protobuf hands a piece that is not UTF-8 back as bytes
+        raise ValueError(f"{path}: piece {bad} is not UTF-8 text; the file is corrupt")
     return proto
 
 
 def _processor(proto: sp_pb2.ModelProto) -> spm.SentencePieceProcessor:
     sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(proto.SerializeToString())
+    try:
+        sp.LoadFromSerializedProto(proto.SerializeToString())
+    except RuntimeError as e:  # SentencePiece's own checks ("byte piece <0 15> is invalid")
+        raise ValueError(f"the SentencePiece model is invalid ({e})") from None
     return sp
 
 

@@ -67,10 +67,16 @@ def text_source(path: str | Path) -> tuple[TensorSource, Gemma3Config, str]:
             f"{path}: no Gemma 3 text weights found (looked for embed_tokens.weight under "
             f"{', '.join(repr(p) for p in TEXT_PREFIXES if p)}); is this a Gemma 3 checkpoint?")
     model_type = raw.get("model_type", "")
-    if model_type and not model_type.startswith("gemma3"):
+    if model_type and not str(model_type).startswith("gemma3"):
         raise CheckpointError(
             f"{path / 'config.json'}: model_type is {model_type!r}, not a Gemma 3 model")
-    return src, Gemma3Config.from_hf_dict(raw), prefix
+    try:
+        config = Gemma3Config.from_hf_dict(raw)
+    except CheckpointError:
+        raise
+    except ValueError as exc:
+        raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
+    return src, config, prefix
 
 
 def load_decoder(path: str | Path, *, dtype="float32") -> Gemma3:

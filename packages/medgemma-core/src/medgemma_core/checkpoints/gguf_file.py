@@ -77,14 +77,31 @@ class GGUFSource:
         from gguf.quants import dequantize
 
         info = self._tensors[name]
-        arr = np.asarray(dequantize(self.index.raw(info), info.qtype), dtype=np.float32)
-        arr = arr.reshape(info.shape)
+        try:
+            arr = np.asarray(dequantize(self.index.raw(info), info.qtype), dtype=np.float32)
+            arr = arr.reshape(info.shape)
+        except (ValueError, KeyError, IndexError, NotImplementedError) as exc:
+            raise CheckpointError(f"{self.where(name)}: cannot read the tensor ({exc}); the "
+                                  "file is truncated or corrupt, re-download it") from None
         if name.endswith("norm.weight"):
             arr = arr - 1.0
         return arr
 
     def config(self) -> Gemma3Config:
         """The decoder config from the GGUF metadata (llama.cpp's gemma3 keys)."""
+        try:
+            return self._config()
+        except KeyError as exc:
+            raise CheckpointError(f"{self.path}: the GGUF file has no tensor {exc}; it is not a "
+                                  "whole Gemma 3 model") from None
+        except (TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
+            missing = [k for k in ("block_count", "embedding_length", "attention.head_count",
+                                   "feed_forward_length") if self.field("gemma3." + k) is None]
+            why = f"no gemma3.{missing[0]} key" if missing else f"a malformed value ({exc})"
+            raise CheckpointError(f"{self.path}: the GGUF metadata has {why}; it is not a "
+                                  "complete Gemma 3 file") from None
+
+    def _config(self) -> Gemma3Config:
         a = "gemma3."
         n = int(self.field(a + "block_count"))
         d = int(self.field(a + "embedding_length"))

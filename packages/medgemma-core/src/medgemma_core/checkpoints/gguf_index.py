@@ -50,7 +50,8 @@ class GGUFIndex:
             self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self._parse()
-        except (struct.error, IndexError, UnicodeDecodeError, OverflowError) as exc:
+        except (struct.error, IndexError, UnicodeDecodeError, OverflowError, TypeError,
+                RecursionError) as exc:
             raise ValueError(f"truncated or corrupt GGUF header ({exc})") from None
 
     def _parse(self) -> None:
@@ -63,6 +64,7 @@ class GGUFIndex:
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version}; versions 2 and 3 are supported")
         pos = 24
+        self._fits(n_kv, 12, pos, "metadata entries")  # each at least a key length and a type
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key, pos = self._string(pos)
@@ -72,19 +74,32 @@ class GGUFIndex:
             if value is not None:
                 self.metadata[key] = value
         infos = []
+        self._fits(n_tensors, 24, pos, "tensors")
         for _ in range(n_tensors):
             name, pos = self._string(pos)
             (n_dims,) = struct.unpack_from("<I", buf, pos)
+            self._fits(n_dims, 8, pos + 4, "dimensions")
             dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
             qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
             pos += 4 + 8 * n_dims + 12
             infos.append((name, tuple(int(d) for d in dims), qtype, offset))
         align = int(self.metadata.get("general.alignment", 32))
+        if align < 1:
+            raise ValueError(f"general.alignment is {align}")
         start = (pos + align - 1) // align * align
         self.tensors = {n: TensorInfo(n, d, q, start + o) for n, d, q, o in infos}
 
+    def _fits(self, count: int, size: int, at: int, what: str) -> None:
+        """Refuse ``count`` items of at least ``size`` bytes from ``at`` on when the file cannot
+        hold them: a header may claim any count (10^12 array elements), and nothing is
+        allocated or walked for such a claim."""
+        if count * size > len(self._buf) - at:
+            raise ValueError(f"truncated or corrupt GGUF header (it claims {count} {what} "
+                             f"from byte {at}, more than the {len(self._buf)}-byte file holds)")
+
     def _string(self, at: int) -> tuple[str, int]:
         (n,) = struct.unpack_from("<Q", self._buf, at)
+        self._fits(n, 1, at + 8, "bytes of a string")
         return self._buf[at + 8: at + 8 + n].decode("utf-8"), at + 8 + n
 
     def _value(self, kind: int, at: int, keep: bool = False) -> tuple[Any, int]:
@@ -99,9 +114,11 @@ class GGUFIndex:
         at += 12
         if item in _SCALAR:
             fmt = _SCALAR[item]
+            self._fits(count, struct.calcsize(fmt), at, "array elements")
             size = struct.calcsize(fmt) * count
             items = list(struct.unpack_from(f"<{count}{fmt[1]}", self._buf, at)) if keep else None
             return items, at + size
+        self._fits(count, 8 if item == _STRING else 12, at, "array elements")
         items = []
         for _ in range(count):  # arrays of strings (or nested arrays)
             value, at = self._value(item, at, keep)

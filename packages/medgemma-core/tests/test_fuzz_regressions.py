@@ -1,0 +1,64 @@
+"""Inputs the fuzzer (fuzz/ at the repository root) found escaping the core's readers as
+something other than their documented errors, minimised: ``CheckpointError`` for checkpoint
+files, ``ValueError`` for config.json mappings and tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medgemma_core.checkpoints import CheckpointError, text_source
+from medgemma_core.multimodal import MultimodalConfig
+from medgemma_core.tokenizer import Tokenizer
+
+HERE = Path(__file__).resolve().parent / "fuzz_regressions"
+
+#: file -> what escaped before (the names end in .bin where the real suffix is git-ignored)
+CASES = {
+    "gguf_no_block_count.gguf.bin": "TypeError: int(None) for a missing gemma3.* key",
+    "gguf_tensor_past_the_end.gguf.bin": "ValueError from GGUFIndex.raw, not CheckpointError",
+    "gguf_invalid_byte_piece.gguf.bin": "RuntimeError from SentencePiece (<0 15> byte piece)",
+    "safetensors_infinite_offset.safetensors.bin": "OverflowError: int(inf) in data_offsets",
+    "mm_config_eoi_token_object.json": "TypeError: int({}) for eoi_token_index",
+    "tokenizer_piece_not_utf8.model": "TypeError: a non-UTF-8 piece came back as bytes",
+}
+
+
+def test_every_committed_input_has_a_case():
+    assert sorted(p.name for p in HERE.iterdir() if p.is_file()) == sorted(CASES)
+
+
+@pytest.mark.parametrize("name", ["gguf_no_block_count.gguf.bin",
+                                  "gguf_tensor_past_the_end.gguf.bin"])
+def test_gguf_finding_is_a_checkpoint_error(name, tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes((HERE / name).read_bytes())
+    with pytest.raises(CheckpointError, match="model.gguf"):
+        src, _, _ = text_source(path)
+        for tensor in src.names():
+            src.get(tensor)
+
+
+def test_safetensors_finding_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    (tmp_path / "model.safetensors").write_bytes(
+        (HERE / "safetensors_infinite_offset.safetensors.bin").read_bytes())
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        text_source(tmp_path)
+
+
+def test_config_finding_is_a_value_error():
+    raw = json.loads((HERE / "mm_config_eoi_token_object.json").read_text())
+    with pytest.raises(ValueError, match="eoi_token_index"):
+        MultimodalConfig.from_hf_dict(raw)
+
+
+@pytest.mark.parametrize("name,suffix", [("gguf_invalid_byte_piece.gguf.bin", ".gguf"),
+                                         ("tokenizer_piece_not_utf8.model", ".model")])
+def test_tokenizer_finding_is_a_value_error(name, suffix, tmp_path):
+    path = tmp_path / f"tokenizer{suffix}"
+    path.write_bytes((HERE / name).read_bytes())
+    with pytest.raises(ValueError):
+        Tokenizer.from_checkpoint(path)
