@@ -9,7 +9,8 @@ dictionary take the ``transformers`` defaults, so a config reads the same way he
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,29 @@ def _check_act(name: str) -> str:
             f"unsupported hidden_act {name!r}: use one of {', '.join(_TANH_GELU + _EXACT_GELU)}"
         )
     return name
+
+
+def _reads_hf(parse: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``from_hf_dict``: a config that is no mapping, or holds a value of the wrong type (a
+    list for a number), is a ``ValueError`` like any other invalid config."""
+
+    @functools.wraps(parse)
+    def wrapper(cls: type, d: Any) -> Any:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{cls.__name__}: the config is a {type(d).__name__}, not an object")
+        try:
+            return parse(cls, d)
+        except (TypeError, AttributeError, OverflowError) as exc:
+            raise ValueError(f"{cls.__name__}: a config value has the wrong type ({exc})") \
+                from None
+
+    return wrapper
+
+
+def _positive(config: Any, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} is {getattr(config, name)}; it must be at least 1")
 
 
 def _square(value: Any, key: str) -> int:
@@ -56,6 +80,8 @@ class SiglipVisionConfig:
 
     def __post_init__(self) -> None:
         _check_act(self.hidden_act)
+        _positive(self, "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                  "patch_size", "image_size", "num_channels")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -83,6 +109,7 @@ class SiglipVisionConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    @_reads_hf
     def from_hf_dict(cls, d: Mapping[str, Any]) -> SiglipVisionConfig:
         """Read a HF ``SiglipVisionConfig`` dict (or a Gemma 3 ``vision_config``)."""
         return cls(
@@ -148,6 +175,8 @@ class SiglipTextConfig:
 
     def __post_init__(self) -> None:
         _check_act(self.hidden_act)
+        _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                  "num_heads", "max_positions", "projection_size")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -161,6 +190,7 @@ class SiglipTextConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    @_reads_hf
     def from_hf_dict(cls, d: Mapping[str, Any]) -> SiglipTextConfig:
         hidden = int(d.get("hidden_size", 768))
         proj = d.get("projection_size")
@@ -221,6 +251,7 @@ class SiglipConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    @_reads_hf
     def from_hf_dict(cls, d: Mapping[str, Any]) -> SiglipConfig:
         return cls(
             vision=SiglipVisionConfig.from_hf_dict(d.get("vision_config") or {}),

@@ -74,6 +74,9 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
+    except Image.DecompressionBombError as err:  # a header claiming more than Pillow allows
+        raise ValueError(f"{path}: {err}; if the image is real, raise PIL.Image.MAX_IMAGE_PIXELS")\
+            from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{path}: not a readable image ({err}); pass a PNG or JPEG") from None
     if img.mode in _HIGH_BIT_MODES:

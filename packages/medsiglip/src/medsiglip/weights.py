@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -138,7 +139,8 @@ class SafetensorsSource:
             try:
                 files = sorted({self.folder / f for f in
                                 json.loads(index.read_text())["weight_map"].values()})
-            except (OSError, ValueError, KeyError, AttributeError) as exc:
+            except (OSError, ValueError, KeyError, AttributeError, TypeError,
+                    RecursionError) as exc:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
         else:
             files = sorted(self.folder.glob("*.safetensors"))
@@ -164,7 +166,7 @@ class SafetensorsSource:
                 header = json.loads(f.read(n))
                 if not isinstance(header, dict):
                     raise ValueError("the header is not a JSON object")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); it is "
                                   f"truncated or corrupt, re-download it") from None
         base = 8 + n
@@ -174,9 +176,12 @@ class SafetensorsSource:
             try:
                 begin, end = (int(v) for v in meta["data_offsets"])
                 dtype, shape = str(meta["dtype"]), tuple(int(d) for d in meta["shape"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):
                 raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry; "
                                       f"the file is corrupt, re-download it") from None
+            if any(d < 0 for d in shape):
+                raise CheckpointError(f"{file}: tensor {name!r} has a negative dimension "
+                                      f"{list(shape)}; the file is corrupt, re-download it")
             if not 0 <= begin <= end or base + end > size:
                 raise CheckpointError(f"{file}: tensor {name!r} runs past the end of the file; "
                                       f"it is truncated, re-download it")
@@ -195,10 +200,11 @@ class SafetensorsSource:
         file, dtype, shape, offset, nbytes = self._info[name]
         if dtype not in _DTYPES:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
-        out = np.empty(shape, _DTYPES[dtype])
-        if out.nbytes != nbytes:
+        want = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        if want != nbytes:  # checked before allocating: a header may claim any shape
             raise CheckpointError(f"{file}: tensor {name!r} has {nbytes} bytes, expected "
-                                  f"{out.nbytes} for {dtype} {list(shape)}")
+                                  f"{want} for {dtype} {list(shape)}")
+        out = np.empty(shape, _DTYPES[dtype])
         view = memoryview(out.reshape(-1).view(np.uint8))
         with open(file, "rb", buffering=0) as f:  # unbuffered reads straight into ``out``
             f.seek(offset)
@@ -219,9 +225,13 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
                               f"(config.json + *.safetensors) or an Orbax folder saved by this "
                               f"package")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(config).__name__}, not an object; "
+                              "it is not a Hugging Face config.json")
+    return config
 
 
 # ---- tensors -> parameters -------------------------------------------------------------------

@@ -26,6 +26,11 @@ from medsiglip.vision import VisionTower
 from medsiglip.weights import CheckpointError, SafetensorsSource, read_hf_config
 
 
+def _config_error(folder: str | Path, exc: ValueError) -> CheckpointError:
+    return exc if isinstance(exc, CheckpointError) else CheckpointError(
+        f"{Path(folder) / 'config.json'}: {exc}")
+
+
 def vision_config_of(config: dict[str, Any]) -> SiglipVisionConfig:
     """The vision tower config of a HF ``config.json`` dict of any supported kind."""
     kind = config.get("model_type")
@@ -45,7 +50,10 @@ def load_vision_tower(folder: str | Path, *, dtype: jnp.dtype = jnp.float32,
 
     ``image_size``: run at another resolution; the position grid is resampled bilinearly.
     """
-    config = vision_config_of(read_hf_config(folder))
+    try:
+        config = vision_config_of(read_hf_config(folder))
+    except ValueError as exc:
+        raise _config_error(folder, exc) from None
     if image_size is not None:
         config = config.replace(image_size=image_size)
     return load_vision_tower_from_tensors(config, SafetensorsSource(folder), dtype=dtype,
@@ -61,7 +69,10 @@ def load_siglip(folder: str | Path, *, dtype: jnp.dtype = jnp.float32,
             f"{folder}: model_type is {raw.get('model_type')!r}, not 'siglip': a two-tower "
             "SigLIP checkpoint is needed here (use load_vision_tower for a vision tower)"
         )
-    config = SiglipConfig.from_hf_dict(raw)
+    try:
+        config = SiglipConfig.from_hf_dict(raw)
+    except ValueError as exc:
+        raise _config_error(folder, exc) from None
     if image_size is not None:
         config = config.replace(vision=config.vision.replace(image_size=image_size))
     return load_siglip_from_tensors(config, SafetensorsSource(folder), dtype=dtype,
