@@ -1,9 +1,10 @@
 """Loss and gradients of the tiny image-text model on 8 fake CPU devices, single-device vs a
-``data=2,fsdp=2,tensor=2`` mesh. Run as its own process by test_sharding.py (XLA's device
+``data=2,fsdp=2,tensor=2`` mesh, through ``medgemma_core.training.next_token_loss`` (rows with
+0, 1, 2 and 1 images in 2 slots). Run as its own process by test_sharding.py (XLA's device
 count is fixed when JAX starts); prints one JSON line.
 
-The loss is a plain full-logits masked next-token cross entropy written here (labels shifted
-by one, as transformers does), so the check does not rest on the code under test's loss.
+A plain full-logits masked cross entropy written here (labels shifted by one, as transformers
+does) cross-checks the single-device loss.
 """
 
 from __future__ import annotations
@@ -26,42 +27,57 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from medgemma_core import Gemma3Multimodal, MultimodalConfig  # noqa: E402
 from medgemma_core.multimodal import image_blocks  # noqa: E402
 from medgemma_core.sharding import make_mesh, shard_model, shardings  # noqa: E402
+from medgemma_core.training import TrainBatch, next_token_loss  # noqa: E402
 
 IGNORE = -100
 
 
-def batch(cfg: MultimodalConfig) -> dict[str, np.ndarray]:
-    """4 rows of 24 tokens holding 0, 1, 2 and 1 images (4 soft tokens each), left padding in
-    row 3; labels masked on pad and image tokens."""
+COUNTS = (0, 1, 2, 1)  # images per row
+SLOTS = 2
+
+
+def batch(cfg: MultimodalConfig) -> TrainBatch:
+    """4 rows of 24 tokens holding 0, 1, 2 and 1 images (4 soft tokens each) in 2 slots, left
+    padding in row 3; labels masked on pad, image and <start_of_image> tokens."""
     rng = np.random.default_rng(0)
-    m, img = cfg.mm_tokens_per_image, cfg.image_token_id
-    rows, images = [], 0
-    for count in (0, 1, 2, 1):
+    m, img, size = cfg.mm_tokens_per_image, cfg.image_token_id, cfg.vision.image_size
+    rows = []
+    pixels = np.zeros((len(COUNTS), SLOTS, size, size, 3), np.float32)
+    for r, count in enumerate(COUNTS):
         row = list(rng.integers(3, 500, size=24 - count * (m + 2)))
         for k in range(count):
-            at = 2 + k * (m + 4)
+            at = 3 + k * (m + 4)
             row[at:at] = [cfg.boi_token_id] + [img] * m + [cfg.eoi_token_id]
+            pixels[r, k] = rng.uniform(-1, 1, size=(size, size, 3))
         rows.append(row[:24])
-        images += count
     tokens = np.array(rows, np.int32)
-    tokens[3, :3] = 0  # left padding
-    labels = np.where((tokens == img) | (tokens == 0), IGNORE, tokens).astype(np.int32)
-    pixels = rng.uniform(-1, 1, size=(images, cfg.vision.image_size, cfg.vision.image_size, 3))
-    start = np.array([0, 0, 0, 3], np.int32)
-    return {"tokens": tokens, "labels": labels, "pixels": pixels.astype(np.float32),
-            "start": start}
+    tokens[3, :2] = 0  # left padding
+    mask = np.ones_like(tokens)
+    mask[3, :2] = 0
+    labels = np.where((tokens == img) | (tokens == cfg.boi_token_id) | (mask == 0), IGNORE,
+                      tokens).astype(np.int32)
+    image_mask = np.arange(SLOTS)[None, :] < np.array(COUNTS)[:, None]
+    return TrainBatch(tokens, labels, mask, pixels, image_mask)
 
 
-def loss_fn(model: Gemma3Multimodal, b: dict[str, jax.Array]) -> jax.Array:
-    soft = model.encode_images(b["pixels"])
-    emb = model.embed(b["tokens"], soft)
-    logits, _ = model.decoder(b["tokens"], embeddings=emb, start=b["start"],
-                              image_id=image_blocks(b["tokens"], model.config.image_token_id))
-    targets = b["labels"][:, 1:]
+def loss_fn(model: Gemma3Multimodal, b: TrainBatch) -> jax.Array:
+    loss_sum, n = next_token_loss(model, b, chunk=16)
+    return loss_sum / n
+
+
+def plain_loss(model: Gemma3Multimodal, b: TrainBatch) -> float:
+    """The same loss from the whole logits of the inference path, written out here."""
+    images = np.asarray(b.pixels)[np.asarray(b.image_mask)]  # reading order: rows, then slots
+    tokens = jnp.asarray(b.tokens)
+    emb = model.embed(tokens, model.encode_images(images))
+    start = jnp.argmax(jnp.asarray(b.attention_mask) != 0, axis=1).astype(jnp.int32)
+    logits, _ = model.decoder(tokens, embeddings=emb, start=start,
+                              image_id=image_blocks(tokens, model.config.image_token_id))
+    targets = jnp.asarray(b.labels)[:, 1:]
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     valid = targets != IGNORE
     nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+    return float(jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid))
 
 
 def main() -> None:
@@ -73,13 +89,13 @@ def main() -> None:
         return jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, r), b))(p)
 
     loss1, grads1 = jax.jit(value_and_grad)(params, rest, data)
+    plain = plain_loss(nnx.merge(graphdef, params, rest), data)
 
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
     model = shard_model(nnx.merge(graphdef, params, rest), mesh)
     _, sparams, srest = nnx.split(model, nnx.Param, ...)
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    sdata = {k: jax.device_put(v, rows if k != "pixels" else NamedSharding(mesh, PartitionSpec()))
-             for k, v in data.items()}
+    sdata = jax.device_put(data, rows)  # every field [B, ...]: rows over data x fsdp
     step = jax.jit(value_and_grad, out_shardings=(None, shardings(sparams, mesh)))
     with jax.set_mesh(mesh):
         hlo = step.lower(sparams, srest, sdata).compile().as_text()
@@ -102,7 +118,7 @@ def main() -> None:
     q = sparams["decoder"]["layers"][0]["attn"]["q"].get_value()
     print(json.dumps({
         "devices": jax.device_count(),
-        "loss_single": float(loss1), "loss_mesh": float(loss8),
+        "loss_single": float(loss1), "loss_mesh": float(loss8), "loss_plain": plain,
         "grad_worst": worst, "grad_worst_path": worst_path, "grad_worst_rel": worst_rel,
         "n_grads": len(flat1),
         "embedding_spec": str(emb.sharding.spec), "q_spec": str(q.sharding.spec),

@@ -181,8 +181,9 @@ def test_memory_report_of_lora_trains_only_the_adapters():
 
 
 def test_eight_fake_devices_match_one_device():
-    """data=2,fsdp=2,tensor=2 on 8 fake CPU devices: loss and every gradient within 1e-5 of
-    the single-device run (its own process: the device count is fixed when JAX starts)."""
+    """data=2,fsdp=2,tensor=2 on 8 fake CPU devices: next_token_loss and every gradient within
+    1e-5 of the single-device run (its own process: the device count is fixed when JAX
+    starts)."""
     script = Path(__file__).with_name("eight_devices.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
@@ -196,6 +197,7 @@ def test_eight_fake_devices_match_one_device():
     assert out["grad_embedding_spec"] == "P('tensor', 'fsdp')"
     assert out["collectives"] > 0  # ... and really communicating
     assert abs(out["loss_single"] - out["loss_mesh"]) <= 1e-5
+    assert abs(out["loss_single"] - out["loss_plain"]) <= 1e-5  # the inference path's logits
     assert out["grad_worst"] <= 1e-5, out["grad_worst_path"]
     assert out["n_grads"] > 100
     assert np.isfinite(out["loss_single"])
