@@ -9,6 +9,7 @@ tests. ``cross`` installs everything together and runs ``tests/`` at the root.
     nox -s demo         # set up and launch the demo app
     nox -s slow         # the slow tests (real-size checkpoints, long runs)
     nox -s lint         # ruff
+    nox -s fuzz         # fuzz every reader of untrusted files (not in the default run)
 
 Sessions run on the interpreter nox runs under when it is Python 3.11 or later, else on the
 first of ``python3.11``, ``python3.12``, ``python3.13`` found on ``PATH``. None found is an error
@@ -210,6 +211,20 @@ def lint(session: nox.Session) -> None:
     """ruff over every package, the benchmarks and this file."""
     _steps(session, [("ruff", ["ruff>=0.6"])])
     session.run("ruff", "check", "packages", "examples", "benchmarks", "tests", "noxfile.py")
+
+
+@nox.session(python=PYTHON, default=False)
+def fuzz(session: nox.Session) -> None:
+    """Fuzz every reader of untrusted files (fuzz/README.md): >= 10,000 inputs per target,
+    coverage-guided with atheris where it installs, else the seeded mutator. Arguments go to
+    ``python -m fuzz all`` (``nox -s fuzz -- --only data --runs 20000``)."""
+    _install(session, list(_packages()), extra=None)
+    try:
+        session.install("atheris", silent=False)
+    except nox.command.CommandFailed:
+        session.warn("atheris does not install on this interpreter; fuzzing with the seeded "
+                     "mutator instead (python -m fuzz all --engine mutate)")
+    session.run("python", "-m", "fuzz", "all", "--runs", "10000", *session.posargs, env=_env())
 
 
 @nox.session(python=PYTHON, default=False)
