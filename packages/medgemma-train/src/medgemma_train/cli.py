@@ -40,6 +40,9 @@ COMMANDS: dict[str, str] = {
     "eval": "medgemma_train.evals.cli:EVAL",
     "compare": "medgemma_train.evals.cli:COMPARE",
     "tasks": "medgemma_train.evals.cli:TASKS",
+    "stages": "medgemma_train.engine.commands:STAGES",
+    "sft": "medgemma_train.engine.commands:SFT",
+    "export": "medgemma_train.engine.commands:EXPORT",
 }
 
 

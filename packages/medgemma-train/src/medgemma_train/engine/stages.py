@@ -1,0 +1,190 @@
+"""Training stages are plugins: a pluggy hook registers typed :class:`StageSpec` records.
+
+A package adds a stage with an entry point in the group ``medgemma.train_stages`` naming a
+light module with a hook implementation::
+
+    # pyproject.toml: [project.entry-points."medgemma.train_stages"] mystage = "my_pkg.stage"
+    from medgemma_train.engine.stages import StageSpec, hookimpl
+
+    @hookimpl
+    def medgemma_train_stages(register):
+        register(StageSpec(name="mystage", description="...", prepare=prepare, loss=loss))
+
+The built-in ``sft`` stage registers through the same manager (plugin name ``builtin``).
+Each plugin loads in its own try/except: a broken one is listed by ``medgemma-train stages``,
+never fatal. ``MEDGEMMA_TRAIN_PLUGINS`` allow-lists plugin names (the built-ins are
+``builtin``), ``MEDGEMMA_TRAIN_DISABLE_PLUGINS`` lists names never to load. Two plugins
+registering one stage name are both named in the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata as md
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pluggy
+
+__all__ = ["ENTRY_POINT_GROUP", "Prepared", "StageInfo", "StageSpec", "get_stage", "hookimpl",
+           "hookspec", "list_stages", "stage_problems"]
+
+PROJECT = "medgemma_train"
+ENTRY_POINT_GROUP = "medgemma.train_stages"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+BUILTIN = ("builtin", "medgemma_train.engine.sft")
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What a stage's ``prepare(cfg)`` returns: the model (adapters attached), its
+    ``Processor``, the nnx filter of the parameters that train, whether it reads images, and
+    anything the stage's ``finish`` needs (``extra``)."""
+
+    model: Any
+    processor: Any
+    trainable: Any
+    image_text: bool
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One training stage.
+
+    ``prepare(cfg) -> Prepared``; ``loss(model, batch, cfg) -> (loss_sum, n_tokens)`` (traced
+    inside the jitted step); ``defaults``: dotted config overrides the stage applies before the
+    user's (e.g. ``{"optimizer.lr": 2e-4}``); ``evaluate(model, cfg) -> dict`` extra validation
+    metrics (optional); ``finish(model, prepared, cfg, run_dir) -> dict`` after training
+    (exports; optional)."""
+
+    name: str
+    description: str
+    prepare: Callable[[Any], Prepared]
+    loss: Callable[[Any, Any, Any], tuple[Any, Any]]
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    evaluate: Callable[[Any, Any], dict] | None = None
+    finish: Callable[..., dict] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"stage name {self.name!r}: use letters, digits, - and _")
+        for attr in ("prepare", "loss"):
+            if not callable(getattr(self, attr)):
+                raise TypeError(f"StageSpec({self.name}).{attr} must be callable")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageInfo:
+    name: str
+    description: str
+    plugin: str
+    distribution: str
+    version: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StageProblem:
+    plugin: str
+    distribution: str
+    problem: str
+
+
+class _Hooks:
+    @hookspec
+    def medgemma_train_stages(self, register: Callable[[StageSpec], None]) -> None:
+        """Register stages by calling ``register(StageSpec(...))`` (keywords only)."""
+
+
+@dataclasses.dataclass
+class _Registry:
+    specs: dict[str, tuple[StageSpec, StageInfo]] = dataclasses.field(default_factory=dict)
+    problems: list[StageProblem] = dataclasses.field(default_factory=list)
+    conflicts: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+_REGISTRY: _Registry | None = None
+
+
+def _names(env: str) -> set[str] | None:
+    raw = os.environ.get(env)
+    return None if raw is None else {n.strip() for n in raw.split(",") if n.strip()}
+
+
+def _plugins() -> list[tuple[str, str, str, Callable[[], Any]]]:
+    """(plugin name, distribution, version, loader) of the built-ins and the entry points."""
+    from medgemma_train import __version__
+
+    out = [(BUILTIN[0], "medgemma-train", __version__,
+            lambda: importlib.import_module(BUILTIN[1]))]
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        version = ep.dist.version if ep.dist is not None else "?"
+        out.append((ep.name, dist, version, ep.load))
+    return out
+
+
+def _load() -> _Registry:
+    reg = _Registry()
+    allow, deny = _names("MEDGEMMA_TRAIN_PLUGINS"), _names("MEDGEMMA_TRAIN_DISABLE_PLUGINS") or set()
+    for plugin, dist, version, loader in _plugins():
+        if plugin in deny or (allow is not None and plugin not in allow):
+            continue
+        pm = pluggy.PluginManager(PROJECT)
+        pm.add_hookspecs(_Hooks)
+        found: list[StageSpec] = []
+
+        def register(spec: StageSpec, _found: list = found) -> None:
+            if not isinstance(spec, StageSpec):
+                raise TypeError(f"register() takes a StageSpec, got {type(spec).__name__}")
+            _found.append(spec)
+
+        try:
+            pm.register(loader(), name=plugin)
+            pm.hook.medgemma_train_stages(register=register)
+        except Exception as exc:  # noqa: BLE001 (a broken plugin is reported, not fatal)
+            reg.problems.append(StageProblem(plugin, dist, f"{type(exc).__name__}: {exc}"))
+            continue
+        for spec in found:
+            info = StageInfo(spec.name, spec.description, plugin, dist, version)
+            if spec.name in reg.specs:
+                other = reg.specs[spec.name][1]
+                msg = (f"stage {spec.name!r} is registered by both {other.distribution} "
+                       f"({other.plugin}) and {dist} ({plugin}); disable one with "
+                       f"MEDGEMMA_TRAIN_DISABLE_PLUGINS")
+                reg.conflicts[spec.name] = msg
+                reg.problems.append(StageProblem(plugin, dist, msg))
+                continue
+            reg.specs[spec.name] = (spec, info)
+    for name in reg.conflicts:
+        reg.specs.pop(name, None)
+    return reg
+
+
+def registry(reload: bool = False) -> _Registry:
+    global _REGISTRY
+    if _REGISTRY is None or reload:
+        _REGISTRY = _load()
+    return _REGISTRY
+
+
+def list_stages() -> list[StageInfo]:
+    return [info for _, (_, info) in sorted(registry().specs.items())]
+
+
+def stage_problems() -> list[StageProblem]:
+    return list(registry().problems)
+
+
+def get_stage(name: str) -> StageSpec:
+    reg = registry()
+    if name in reg.conflicts:
+        raise ValueError(reg.conflicts[name])
+    if name not in reg.specs:
+        known = ", ".join(sorted(reg.specs)) or "none loaded"
+        raise ValueError(f"unknown stage {name!r} (available: {known}); see "
+                         f"`medgemma-train stages`")
+    return reg.specs[name][0]

@@ -1,0 +1,282 @@
+"""The loop: it only feeds batches, writes metrics and calls the checkpoint manager.
+
+``train(cfg, stage)`` reads and checks the data (every bad row before any compile), lets the
+stage build the model, splits it into trainable parameters and the rest, places both on the
+mesh by the logical-axis rules, and runs the jitted step. The run folder ``cfg.run.out``
+holds ``config.yaml`` (the config as resolved), ``metrics.jsonl``, ``tensorboard/``,
+``checkpoints/`` and, after the stage's ``finish``, ``export/``.
+
+SIGTERM (preemption) saves a checkpoint, waits for it and exits with status 143; rerun with
+``--resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .checkpoint import Checkpoints
+from .config import RunConfig, to_dict
+from .data import DataError, check_bad_rows, read_source
+from .mesh import batch_sharding, build_mesh, initialize
+from .metrics import MetricsWriter, flops_per_token, peak_flops
+from .pipeline import Encoder, EvalPipeline, Pipeline, mixture_table
+from .stages import StageSpec
+from .step import build_steps, make_optimizer, warmup_steps
+
+__all__ = ["Preempted", "TrainError", "train"]
+
+
+class TrainError(ValueError):
+    """A user mistake found while setting up a run (one line)."""
+
+
+class Preempted(SystemExit):
+    def __init__(self, step: int):
+        super().__init__(143)
+        self.step = step
+
+
+def _count(state: Any) -> int:
+    return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(state)))
+
+
+def _image_slots(cfg: RunConfig, sources: list, image_text: bool) -> int:
+    if not image_text:
+        return 0
+    if cfg.data.image_slots > 0:
+        return cfg.data.image_slots
+    return max([1] + [ex.images for s in sources for ex in s.examples])
+
+
+def _decoder_shape(model: Any) -> tuple[int, int]:
+    cfg = getattr(model, "config", None)
+    text = getattr(cfg, "text", cfg)
+    return int(getattr(text, "num_layers", 0) or 0), int(getattr(text, "embed_dim", 0) or 0)
+
+
+def _put(batch: dict, shardings: dict, processes: int, global_rows: int) -> dict:
+    if processes == 1:
+        return jax.device_put(batch, shardings)
+    out = {}
+    for k, v in batch.items():
+        shape = (v.shape[0], global_rows, *v.shape[2:])
+        out[k] = jax.make_array_from_process_local_data(shardings[k], v, shape)
+    return out
+
+
+def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
+          say: Any = None) -> dict[str, Any]:
+    """Run (or with ``dry_run`` only plan) ``stage`` under ``cfg``; returns the summary."""
+    say = say or (lambda text: None)
+    process, processes = initialize()
+    out = Path(cfg.run.out)
+    # ---- data, checked before anything heavy
+    if not cfg.data.train:
+        raise DataError("no training data; pass --data FILE or set data.train")
+    train_sources = [read_source(s, i) for i, s in enumerate(cfg.data.train)]
+    eval_sources = [read_source(s, i) for i, s in enumerate(cfg.data.eval)]
+    bad = check_bad_rows(train_sources + eval_sources, skip_bad=cfg.data.skip_bad)
+    if bad:
+        say(f"skipping {len(bad)} bad data row(s), first {bad[0]} (all in "
+            f"{out / 'bad_rows.jsonl'})")
+        if process == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "bad_rows.jsonl", "w", encoding="utf-8") as f:
+                for b in bad:
+                    f.write(json.dumps({"where": b.where, "reason": b.reason}) + "\n")
+    ckpt_dir = out / "checkpoints"
+    if not dry_run and not cfg.run.resume and ckpt_dir.is_dir() and any(
+            p.name.isdigit() for p in ckpt_dir.iterdir()):
+        raise TrainError(f"{out} already holds checkpoints; pass --resume to continue that "
+                         f"run or choose a new --out")
+    # ---- model
+    from medgemma_core import CheckpointError
+
+    try:
+        prepared = stage.prepare(cfg)
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        raise TrainError(str(exc)) from None
+    model = prepared.model
+    slots = _image_slots(cfg, train_sources + eval_sources, prepared.image_text)
+    encoder = Encoder(prepared.processor, seq_len=cfg.data.seq_len, slots=slots,
+                      image_text=prepared.image_text, mask_prompt=cfg.data.mask_prompt,
+                      system=cfg.data.system, skip_bad=cfg.data.skip_bad)
+    accum, batch_size = cfg.optimizer.grad_accum, cfg.data.batch_size
+    pipeline = Pipeline(train_sources, encoder, batch_size=batch_size, accum=accum,
+                        seed=cfg.data.seed, process=process, processes=processes)
+    per_epoch = pipeline.steps_per_epoch()
+    total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * per_epoch))
+    tx, schedule = make_optimizer(cfg.optimizer, total)
+    mesh = build_mesh(cfg.run.mesh)
+    model.train()
+    train_def, params, rest = nnx.split(model, prepared.trainable, ...)
+    model.eval()
+    eval_def, _, _ = nnx.split(model, prepared.trainable, ...)
+    n_params = _count(nnx.state(model, nnx.Param))
+    n_train = _count(params)
+    if n_train == 0:
+        raise TrainError("nothing to train: every parameter is frozen; set trainable.* or "
+                         "lora.rank")
+    mixture = mixture_table(train_sources, batch_size * accum, total)
+    plan = {"stage": stage.name, "params": n_params, "trainable": n_train,
+            "steps": total, "steps_per_epoch": per_epoch, "rows_per_step": batch_size * accum,
+            "warmup_steps": warmup_steps(cfg.optimizer, total), "image_slots": slots,
+            "mesh": dict(mesh.shape), "processes": processes, "mixture": mixture,
+            "eval_rows": sum(len(s.examples) for s in eval_sources), "bad_rows": len(bad)}
+    if dry_run:
+        from medgemma_core.sharding import memory_report
+
+        report = memory_report(model, dict(mesh.shape),
+                               optimizer="adamw" if cfg.optimizer.name == "adamw" else tx,
+                               trainable=prepared.trainable)
+        plan["memory"] = {"param_bytes_per_device": report.param_bytes_per_device,
+                          "grad_bytes_per_device": report.grad_bytes_per_device,
+                          "optimizer_bytes_per_device": report.optimizer_bytes_per_device,
+                          "total_bytes_per_device": report.total_bytes_per_device}
+        plan["memory_text"] = str(report)
+        return plan
+    # ---- placement and compile
+    from medgemma_core.sharding import shardings, tree_shardings
+
+    params_sh, rest_sh = shardings(params, mesh), shardings(rest, mesh)
+    params = jax.device_put(params, params_sh)
+    rest = jax.device_put(rest, rest_sh)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    opt_sh = tree_shardings(opt_abstract, params, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_sh = {"params": params_sh, "opt": opt_sh, "step": replicated}
+    keys = ["tokens", "labels", "attention_mask"] + (["pixels", "image_mask"] if slots else [])
+    batch_sh = {k: batch_sharding(mesh, batch_size, 0) for k in keys}
+    def loss(m: Any, b: Any) -> Any:
+        return stage.loss(m, b, cfg)
+
+    fns = build_steps(train_def, eval_def, loss, tx, schedule, accum=accum,
+                      shardings=(state_sh, rest_sh, None), batch_shardings=batch_sh)
+    ckpt = Checkpoints(ckpt_dir, keep_last=cfg.run.keep_last, keep_best=cfg.run.keep_best,
+                       best_metric=cfg.run.best_metric, best_mode=cfg.run.best_mode)
+    start = 0
+    if cfg.run.resume and ckpt.latest_step() is not None:
+        start = int(ckpt.latest_step())
+        params, opt_state, meta = ckpt.restore(start, params, opt_state)
+        if meta.get("data_rows") != pipeline.rows or meta.get("rows_per_step") != batch_size * accum:
+            raise TrainError(f"--resume: the data or batch size changed since step {start} "
+                             f"({meta.get('data_rows')} rows, {meta.get('rows_per_step')} per "
+                             f"step then); resume with the same data and settings")
+        pipeline.set_state(meta["data_state"])
+        say(f"resumed from step {start} ({ckpt_dir / str(start)})")
+    state = {"params": params, "opt": opt_state, "step": jax.device_put(jnp.int32(start),
+                                                                        replicated)}
+    if process == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    writer = MetricsWriter(out, total_steps=total, tensorboard=cfg.run.tensorboard,
+                           progress=cfg.run.progress, primary=process == 0, start_step=start)
+    layers, width = _decoder_shape(model)
+    fpt = flops_per_token(n_params, layers, cfg.data.seq_len, width)
+    peak = peak_flops(jax.devices()[0])
+    stop = {"flag": False}
+    old = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) \
+        if hasattr(signal, "SIGTERM") else None
+
+    def meta(step: int, metrics: dict | None) -> dict:
+        return {"step": step, "seed": cfg.run.seed, "data_state": pipeline.get_state(),
+                "data_rows": pipeline.rows, "rows_per_step": batch_size * accum,
+                "stage": stage.name, "base_checkpoint": cfg.model.checkpoint,
+                "metrics": metrics or {}, "config": to_dict(cfg)}
+
+    def evaluate(p: Any) -> dict:
+        if not eval_sources:
+            return {}
+        ev = EvalPipeline(eval_sources, encoder, batch_size=batch_size, process=process,
+                          processes=processes)
+        total_loss, total_n = 0.0, 0
+        sh = {k: batch_sharding(mesh, batch_size, 0) for k in keys}
+        for b in ev:
+            b = _put(b, sh, processes, batch_size)
+            r = fns.evaluate(p, rest, {k: v[0] for k, v in b.items()})
+            total_loss += float(r["loss_sum"])
+            total_n += int(r["tokens"])
+        values = {"eval_loss": total_loss / max(1, total_n), "eval_tokens": total_n}
+        if stage.evaluate is not None:
+            nnx.update(model, p)
+            values.update(stage.evaluate(model, cfg))
+        return values
+
+    history: list[dict] = []
+    last_eval: dict = {}
+    step = start
+    t_last, logged = time.time(), start
+    try:
+        with jax.set_mesh(mesh):
+            while step < total:
+                batch = _put(next(pipeline), batch_sh, processes, batch_size)
+                state, m = fns.train(state, rest, batch)
+                step += 1
+                writer.advance()
+                if step % cfg.run.log_every == 0 or step == total:
+                    values = {k: float(v) for k, v in jax.device_get(m).items()}
+                    now = time.time()
+                    dt = max(now - t_last, 1e-9)  # the last step's tokens stand for each since
+                    values["tokens_per_s"] = values["input_tokens"] * (step - logged) / dt
+                    if peak:
+                        values["mfu"] = values["tokens_per_s"] * fpt / (peak * jax.device_count())
+                    t_last, logged = now, step
+                    writer.write(step, values)
+                    history.append({"step": step, "loss": values["loss"]})
+                evaluated = None
+                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total:
+                    evaluated = last_eval = evaluate(state["params"])
+                    writer.write(step, evaluated, split="eval")
+                saving = (cfg.run.save_every and step % cfg.run.save_every == 0) or evaluated
+                if stop["flag"]:
+                    ckpt.save(step, state["params"], state["opt"], meta(step, evaluated),
+                              evaluated, wait=True)
+                    say(f"SIGTERM: saved step {step}; rerun with --resume to continue")
+                    raise Preempted(step)
+                if saving and step < total:
+                    ckpt.save(step, state["params"], state["opt"], meta(step, evaluated),
+                              evaluated)
+            final_eval = evaluate(state["params"])
+            if final_eval:
+                last_eval = final_eval
+                writer.write(step, final_eval, split="eval")
+            if step > start or ckpt.latest_step() != step:
+                ckpt.save(step, state["params"], state["opt"], meta(step, final_eval or None),
+                          final_eval or None, wait=True)
+            best = ckpt.best_step() if cfg.run.keep_best else None
+    finally:
+        writer.close()
+        ckpt.close()
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    nnx.update(model, state["params"])
+    model.eval()
+    summary = {"stage": stage.name, "steps": step, "resumed_from": start or None,
+               "final_train_loss": history[-1]["loss"] if history else None,
+               "first_train_loss": history[0]["loss"] if history else None,
+               "final_eval_loss": last_eval.get("eval_loss"),
+               "run": str(out), "checkpoints": str(ckpt_dir), "metrics": str(out / "metrics.jsonl"),
+               "best_step": best,
+               "bad_rows": len(bad) + len(encoder.bad), "plan": plan}
+    if stage.finish is not None and process == 0:
+        summary["exports"] = stage.finish(model, prepared, cfg, out)
+    summary["model"] = model
+    return summary
+
+
+def replace_run(cfg: RunConfig, **changes: Any) -> RunConfig:
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **changes))
