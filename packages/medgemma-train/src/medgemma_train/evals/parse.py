@@ -9,8 +9,8 @@ rule that finds an answer wins:
 2. An explicit statement, the last one in the text: ``answer``, ``final answer``, ``correct
    answer/option``, ``option``, ``choice`` followed by ``is`` / ``:`` / ``would be`` ...
    and a letter, bare or in ``()`` / ``[]``: ``Answer: B``, ``The correct answer is (C)``.
-   A lower-case letter counts only in brackets or before ``.`` / ``)`` / ``:`` (so ``the
-   answer is a viral infection`` is no ``A``); ``not B`` and ``isn't B`` are skipped, and
+   A lower-case letter counts only in brackets, before ``.`` / ``)`` / ``:`` or at the end
+   (so ``the answer is a viral infection`` is no ``A``); ``not B`` and ``isn't B`` are skipped, and
    after one, ``it is C`` / ``but C`` / ``rather C`` is the answer.
 3. A letter at the start: ``B``, ``(B)``, ``[B]``, ``B.``, ``B)``, ``B:``, ``B - text``,
    ``b)``; a bare ``A`` followed by a word counts only when that word starts option A's
@@ -63,7 +63,7 @@ def _explicit(text: str, letters: str) -> str | None:
         rf"{_LINK}(?:(?i:option|choice|letter)\s+)?(?P<neg2>(?i:not)\s+)?"
         rf"(?:[\(\[](?P<br>[{letters}{letters.lower()}])[\)\]]"
         rf"|(?P<up>[{letters}])(?![\w'-])"
-        rf"|(?P<low>[{letters.lower()}])(?=[\.\):]))")
+        rf"|(?P<low>[{letters.lower()}])(?=[\.\):]|\s*$))")
     found, negated = None, -1
     for m in pattern.finditer(text):
         if m.group("neg1") or m.group("neg2"):
