@@ -32,8 +32,10 @@ XLA_CPU_FLAG_LATE = False
 
 _cpu_scheduler_flag()
 
+from . import lora, sharding  # noqa: E402
 from .api import Completion, MedGemma, default_checkpoint, load  # noqa: E402
 from .checkpoints import CheckpointError, load_decoder, save_decoder  # noqa: E402
+from .checkpoints.export import save_hf  # noqa: E402
 from .checkpoints.multimodal import load_multimodal, save_multimodal  # noqa: E402
 from .config import Gemma3Config  # noqa: E402
 from .generate import DecodeState, Engine, Generation, enable_compilation_cache  # noqa: E402
@@ -56,7 +58,9 @@ __all__ = [
     # the engine under MedGemma
     "DecodeState", "Engine", "Generation", "PromptEncoder", "Prompts", "enable_compilation_cache",
     # checkpoints (Hugging Face folders, GGUF, Orbax)
-    "CheckpointError", "load_decoder", "load_multimodal", "save_decoder", "save_multimodal",
+    "CheckpointError", "load_decoder", "load_multimodal", "save_decoder", "save_hf", "save_multimodal",
     # training (medgemma_core.training)
     "TrainBatch", "forward_hidden", "naive_next_token_loss", "next_token_loss",
+    # LoRA adapters and PEFT export; logical-axis sharding and memory reports (modules)
+    "lora", "sharding",
 ]

@@ -10,12 +10,15 @@ path:
   parameter tree is frozen (README.md, "The vision tower's parameters"),
 * :func:`load_vision_tower_from_tensors` (HF tensor names, every Gemma 3 / SigLIP prefix),
 * :func:`preprocess` (any image -> ``[B, S, S, 3]`` in [-1, 1]),
-* :mod:`medsiglip.weights`: tensor sources, ``fill``, abstract modules, Orbax folders.
+* :mod:`medsiglip.weights`: tensor sources, ``fill``, abstract modules, Orbax folders,
+* :mod:`medsiglip.sharding` and :mod:`medsiglip.lora`: the logical-axis rules table and the LoRA
+  mechanism that medgemma-core shares.
 """
 
-from medsiglip import weights
+from medsiglip import lora, sharding, weights
 from medsiglip.api import MedSigLIP
 from medsiglip.checkpoints.convert import load_vision_tower_from_tensors
+from medsiglip.checkpoints.export import save_hf
 from medsiglip.checkpoints.hf import load_siglip, load_vision_tower
 from medsiglip.checkpoints.orbax_io import restore_checkpoint, save_checkpoint
 from medsiglip.config import SiglipConfig, SiglipTextConfig, SiglipVisionConfig
@@ -46,10 +49,13 @@ __all__ = [
     "load_siglip",
     "load_vision_tower",
     "load_vision_tower_from_tensors",
+    "lora",
     "preprocess",
     "resize_position_embedding",
     "restore_checkpoint",
     "save_checkpoint",
+    "save_hf",
+    "sharding",
     "sigmoid_loss",
     "weights",
 ]
