@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -36,10 +37,14 @@ def text_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mm_pair(tmp_path_factory):
+def mm_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_mm")
-    ref = save_tiny_mm(folder)
-    return load_multimodal(folder), ref
+    return folder, save_tiny_mm(folder)
+
+
+@pytest.fixture(scope="module")
+def mm_pair(mm_folder):
+    return load_multimodal(mm_folder[0]), mm_folder[1]
 
 
 def _image_text_batch(cfg, images_per_row=(0, 1, 2), seed=0, pad=3) -> TrainingBatch:
@@ -265,3 +270,116 @@ def test_soft_tokens_go_to_their_own_rows(mm_pair):
     a = forward_hidden(model, TrainBatch.from_collated(collated, slots=2))
     b = forward_hidden(model, TrainBatch.from_collated(swapped, slots=2))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b)[::-1], atol=1e-5, rtol=1e-5)
+
+
+# ---- precision ------------------------------------------------------------------------------
+def _dot_operand_dtypes(jaxpr) -> list[tuple[tuple[str, ...], tuple]]:
+    """(operand dtypes, operand shapes) of every dot_general in a jaxpr and its sub-jaxprs."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append((tuple(str(v.aval.dtype) for v in eqn.invars),
+                        tuple(tuple(v.aval.shape) for v in eqn.invars)))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if hasattr(sub, "consts") and hasattr(sub, "jaxpr"):  # ClosedJaxpr
+                    out += _dot_operand_dtypes(sub.jaxpr)
+                elif hasattr(sub, "eqns"):
+                    out += _dot_operand_dtypes(sub)
+    return out
+
+
+def test_bf16_compute_on_f32_master_weights(mm_folder, mm_pair):
+    """compute_dtype=bf16 on f32 parameters: every product runs in bf16 (forward and backward),
+    the loss equals that of the model loaded in bf16, and the gradients are f32."""
+    model, _ = mm_pair
+    batch = TrainBatch.from_collated(_image_text_batch(model.config, (0, 1, 2)), slots=2)
+
+    def mean(m, **kw):
+        total, n = next_token_loss(m, batch, chunk=32, **kw)
+        return total / n
+
+    l32, g32 = nnx.value_and_grad(mean)(model)
+    lmix, gmix = nnx.value_and_grad(lambda m: mean(m, compute_dtype=jnp.bfloat16))(model)
+    bf16 = load_multimodal(mm_folder[0], dtype="bfloat16")  # bf16 throughout, loaded as such
+    lbf, gbf = nnx.value_and_grad(mean)(bf16)
+    assert {x.dtype for x in jax.tree.leaves(gmix)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(gbf)} == {jnp.dtype(jnp.bfloat16)}
+    rel = abs(float(lmix) - float(l32)) / float(l32)
+    print(f"loss f32 {float(l32):.6f}, bf16 compute on f32 masters {float(lmix):.6f}, "
+          f"bf16 model {float(lbf):.6f}")
+    assert abs(float(lmix) - float(lbf)) <= 1e-6 * float(lbf)
+    assert 1e-5 < rel < 1e-2  # bf16 rounding shows, and stays small
+    cosine = {}  # bf16 products round to 8 bits: compare directions, tensor by tensor
+    for (path, a), (_, b) in zip(nnx.to_flat_state(gmix), nnx.to_flat_state(g32), strict=True):
+        a, b = np.asarray(a.get_value()).ravel(), np.asarray(b.get_value()).ravel()
+        if path[-2:] != ("k_proj", "bias"):
+            cosine[path] = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    worst = min(cosine, key=cosine.get)
+    print(f"bf16-compute gradients vs f32: lowest cosine {cosine[worst]:.5f} ({worst})")
+    assert cosine[worst] > 0.99
+
+    graphdef, state = nnx.split(model)
+
+    def dots(**kw):
+        step = jax.grad(lambda s: mean(nnx.merge(graphdef, s), **kw))
+        return _dot_operand_dtypes(jax.make_jaxpr(step)(state).jaxpr)
+
+    bf, f32 = ("bfloat16", "bfloat16"), ("float32", "float32")
+    mixed = dots(compute_dtype=jnp.bfloat16)
+    # forward products bf16 x bf16; a backward product may take the float32 cotangent of a
+    # float32-accumulated product (the decoder's layers.matmul), never two float32 operands
+    assert f32 not in {d for d, _ in mixed} and bf in {d for d, _ in mixed}
+    v = model.config.text.vocab_size
+    head = [d for d, shapes in mixed if v in sum(shapes, ())]
+    assert len(head) == 4 and set(head) == {bf}  # the loss head, forward and backward: bf16
+    assert {d for d, _ in dots()} == {f32}
+
+
+# ---- rematerialization ----------------------------------------------------------------------
+def test_remat_policies_same_gradients_less_memory(mm_pair, text_pair):
+    model, _ = mm_pair
+    batch = TrainBatch.from_collated(_image_text_batch(model.config, (0, 1, 2)), slots=2)
+    graphdef, state = nnx.split(model)
+
+    def grads(remat):
+        def step(s):
+            return jax.grad(lambda s: next_token_loss(nnx.merge(graphdef, s), batch, chunk=32,
+                                                      remat=remat)[0])(s)
+        return step
+
+    want = jax.tree.leaves(grads("none")(state))
+    for remat in ("full", "dots"):
+        jaxpr = jax.make_jaxpr(grads(remat))(state)
+        n_layers = model.config.text.num_layers + model.config.vision.num_layers
+        text = str(jaxpr)  # jax.checkpoint is the primitive remat2 in a grad's jaxpr
+        assert text.count("remat2[") + text.count("checkpoint[") == n_layers  # one per block
+        for a, b in zip(jax.tree.leaves(grads(remat)(state)), want, strict=True):
+            scale = max(float(jnp.max(jnp.abs(b))), 1e-30)
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * scale
+
+    text, _ = text_pair  # activations dominate: 7 layers, 2 x 256 tokens, vocabulary 512
+    tokens = np.ones((2, 256), np.int32)
+    long = TrainBatch(tokens, tokens, tokens)
+    graphdef, state = nnx.split(text)
+    temp = {}
+    for remat in ("none", "full", "dots"):
+        def step(s, remat=remat):
+            return jax.grad(lambda s: next_token_loss(nnx.merge(graphdef, s), long,
+                                                      remat=remat)[0])(s)
+        temp[remat] = jax.jit(step).lower(state).compile().memory_analysis().temp_size_in_bytes
+    print("grad temp_size_in_bytes by remat policy (tiny text, B=2, T=256): "
+          + ", ".join(f"{k} {v}" for k, v in temp.items()))
+    assert temp["full"] < temp["dots"] < temp["none"]
+
+
+def test_remat_choices_are_checked(text_pair):
+    from medgemma_core import KVCache
+
+    model, _ = text_pair
+    tokens = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="remat='some' is not a policy; choose one of 'none'"):
+        model(tokens, remat="some")
+    cache = KVCache.create(model.config, 1, 8, jnp.zeros((1,), jnp.int32))
+    with pytest.raises(ValueError, match="remat is for training"):
+        model(tokens, cache=cache, remat="full")

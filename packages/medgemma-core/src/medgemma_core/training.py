@@ -20,9 +20,9 @@ The loss follows transformers' ``ForCausalLMLoss``: the logits at position ``t``
 ``< 0`` (``IGNORE_INDEX`` = -100: padding, image and ``<start_of_image>`` tokens, prompts) carry no
 loss. It returns the summed loss and the number of counted tokens, so that gradient accumulation
 and data parallelism weight every token alike. :func:`next_token_loss` projects ``chunk``
-tokens at a time onto the 262,208-row vocabulary under ``jax.checkpoint`` (the backward pass
-recomputes each chunk's logits): it never holds the ``[B, T, V]`` float32 logits that
-:func:`naive_next_token_loss` builds.
+tokens at a time onto the 262,208-row vocabulary with a custom VJP (the backward pass
+recomputes each chunk's logits; both of its products run in the compute dtype): it never holds
+the ``[B, T, V]`` float32 logits that :func:`naive_next_token_loss` builds.
 
 Precision: the parameters keep their dtype (e.g. float32 master weights); ``compute_dtype``
 (e.g. ``jnp.bfloat16``) casts them inside the traced function, so the forward and backward run
@@ -33,6 +33,7 @@ computation runs in the parameters' dtype (bf16 parameters: bf16 throughout).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -245,17 +246,47 @@ def _shifted(h: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     return h[:, :-1].reshape(-1, h.shape[-1]), labels[:, 1:].reshape(-1)
 
 
+def _logits(h: jax.Array, table: jax.Array, softcap: float | None):
+    """f32 logits ``[n, V]`` of ``h [n, D]`` (products in h's dtype, accumulated in float32)
+    and the pre-cap ones (for the softcap's derivative)."""
+    raw = jnp.einsum("nd,vd->nv", h, table.astype(h.dtype), preferred_element_type=jnp.float32)
+    if softcap is None:
+        return raw, raw
+    return jnp.tanh(raw / softcap) * softcap, raw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _token_losses(h: jax.Array, table: jax.Array, targets: jax.Array,
                   softcap: float | None) -> jax.Array:
     """Summed cross entropy of ``h [n, D]`` against ``targets [n]`` (< 0: no loss) over the
-    vocabulary ``table [V, D]`` (cast to h's dtype, products accumulated in float32)."""
-    logits = jnp.einsum("nd,vd->nv", h, table.astype(h.dtype),
-                        preferred_element_type=jnp.float32)
-    if softcap is not None:
-        logits = jnp.tanh(logits / softcap) * softcap
+    vocabulary ``table [V, D]``. Its backward pass recomputes the logits and runs both of its
+    products in h's dtype (bf16 x bf16 with bf16 compute, accumulated in float32)."""
+    logits, _ = _logits(h, table, softcap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
     return jnp.sum(jnp.where(targets >= 0, lse - picked, 0.0))
+
+
+def _token_losses_fwd(h, table, targets, softcap):
+    return _token_losses(h, table, targets, softcap), (h, table, targets)
+
+
+def _token_losses_bwd(softcap, residuals, g):
+    h, table, targets = residuals
+    logits, raw = _logits(h, table, softcap)
+    probs = jax.nn.softmax(logits, axis=-1)
+    onehot = jax.nn.one_hot(jnp.maximum(targets, 0), logits.shape[-1], dtype=probs.dtype)
+    d = (probs - onehot) * (g * (targets >= 0))[:, None]
+    if softcap is not None:
+        d = d * (1.0 - jnp.square(jnp.tanh(raw / softcap)))
+    d = d.astype(h.dtype)
+    w = table.astype(h.dtype)
+    dh = jnp.einsum("nv,vd->nd", d, w, preferred_element_type=jnp.float32).astype(h.dtype)
+    dw = jnp.einsum("nv,nd->vd", d, h, preferred_element_type=jnp.float32).astype(table.dtype)
+    return dh, dw, None
+
+
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
 def _chunked_loss(h: jax.Array, table: jax.Array, targets: jax.Array, chunk: int,
@@ -265,10 +296,9 @@ def _chunked_loss(h: jax.Array, table: jax.Array, targets: jax.Array, chunk: int
     pad = -n % chunk
     h = jnp.pad(h, ((0, pad), (0, 0)))
     targets = jnp.pad(targets, (0, pad), constant_values=IGNORE_INDEX)
-    one = jax.checkpoint(lambda hc, tc, w: _token_losses(hc, w, tc, softcap))
 
     def body(total, xs):
-        return total + one(xs[0], xs[1], table), None
+        return total + _token_losses(xs[0], table, xs[1], softcap), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
                             (h.reshape(-1, chunk, d), targets.reshape(-1, chunk)))
@@ -280,8 +310,9 @@ def next_token_loss(model: Model, batch: TrainBatch, *, chunk: int = DEFAULT_CHU
     """``(loss_sum, n_tokens)``: the summed next-token cross entropy (float32) and the number of
     tokens it counts (int32), ``chunk`` tokens projected onto the vocabulary at a time.
 
-    The tied embedding enters each chunk in its own (parameter) dtype and is cast there, so its
-    gradient accumulates over the chunks in the parameter dtype (float32 masters: float32)."""
+    Each chunk's logits exist only inside that chunk, forward and backward (a custom VJP that
+    recomputes them). The tied embedding enters each chunk in its parameter dtype and is cast
+    there, so its gradient accumulates over the chunks in that dtype (float32 masters: float32)."""
     if int(chunk) < 1:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     table = _decoder(model).embedding[...]
