@@ -18,6 +18,15 @@ TASK_OF = {"medqa": "medqa", "medmcqa": "medmcqa", "pubmedqa": "pubmedqa", "mmlu
            "afrimedqa": "afrimedqa"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache():
+    """JAX's persistent compilation cache (MEDGEMMA_JAX_CACHE, as the command uses it): reruns
+    and the subprocesses of the tests skip compiling."""
+    from medgemma_core import enable_compilation_cache
+
+    enable_compilation_cache()
+
+
 def fixtures_dir() -> Path:
     return Path(os.environ.get("MEDGEMMA_FIXTURES") or ROOT / "fixtures")
 

@@ -41,6 +41,23 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward(graphdef, state, tokens, start, targets, mask):
+    """tokens [B, T], start [B], targets/mask [B, K, C] -> (sums [B, K], greedy [B, K]).
+    Module-level with the graph as the static argument: every scorer of one model shares
+    the compiled shapes."""
+    model = nnx.merge(graphdef, state)
+    c = targets.shape[-1]
+    h, _ = model(tokens, start=start, logits_at="none")
+    logits = model.logits(h[:, -c:])  # [B, C, V] float32
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp[:, None], targets[..., None], axis=-1)[..., 0]
+    best = jnp.argmax(logits, axis=-1)[:, None]  # [B, 1, C]
+    sums = jnp.sum(jnp.where(mask, picked, 0.0), axis=-1)
+    greedy = jnp.all(jnp.where(mask, best == targets, True), axis=-1)
+    return sums, greedy
+
+
 @dataclasses.dataclass(frozen=True)
 class Scored:
     """One request's result: its continuation ids, summed log-probability, and whether each of
@@ -74,21 +91,6 @@ class LoglikScorer:
         whole = self.tokenizer.encode(context + continuation, add_bos=True)
         ctx = self.tokenizer.encode(context, add_bos=True)
         return ctx, whole[len(ctx):]
-
-    # ---- the compiled forward -------------------------------------------------------------
-    @functools.partial(jax.jit, static_argnums=(0,))
-    def _forward(self, state, tokens, start, targets, mask):
-        """tokens [B, T], start [B], targets/mask [B, K, C] -> (sums [B, K], greedy [B, K])."""
-        model = nnx.merge(self.graphdef, state)
-        c = targets.shape[-1]
-        h, _ = model(tokens, start=start, logits_at="none")
-        logits = model.logits(h[:, -c:])  # [B, C, V] float32
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        picked = jnp.take_along_axis(logp[:, None], targets[..., None], axis=-1)[..., 0]
-        best = jnp.argmax(logits, axis=-1)[:, None]  # [B, 1, C]
-        sums = jnp.sum(jnp.where(mask, picked, 0.0), axis=-1)
-        greedy = jnp.all(jnp.where(mask, best == targets, True), axis=-1)
-        return sums, greedy
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
         """Every ``(context, continuation)`` pair's :class:`Scored`, in order."""
@@ -132,8 +134,8 @@ class LoglikScorer:
                 targets[j, q, c - len(cont):] = cont
                 mask[j, q, c - len(cont):] = True
         self.compiled_shapes.add((b, t, k, c))
-        sums, greedy = self._forward(self.state, jnp.asarray(tokens), jnp.asarray(start),
-                                     jnp.asarray(targets), jnp.asarray(mask))
+        sums, greedy = _forward(self.graphdef, self.state, jnp.asarray(tokens),
+                                jnp.asarray(start), jnp.asarray(targets), jnp.asarray(mask))
         sums, greedy = np.asarray(sums), np.asarray(greedy)
         for j, row in enumerate(batch):
             for q, n in enumerate(rows[row]):
