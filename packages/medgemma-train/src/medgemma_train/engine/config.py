@@ -141,6 +141,7 @@ class RunSettings:
     best_mode: str = "min"
     mesh: str = "data=-1"
     resume: bool = False
+    stop_at: int = 0  # stop after this step with a checkpoint, as if preempted (0 = never)
     export: tuple[str, ...] = ()
     tensorboard: bool = True
     progress: bool = True
@@ -334,6 +335,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             if isinstance(node, list):
                 node = _index(node, part, key)
                 continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
             if part not in node or node[part] is None:
                 node[part] = [] if nxt.isdigit() else {}
             node = node[part]
@@ -385,7 +388,7 @@ def load_config(path: str | Path | None = None, *, overrides: Iterable[str] = ()
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         data = _merge(data, loaded)
-    data = _merge(data, flags or {})
+    data = _sources_from_strings(_merge(data, flags or {}))
     data = apply_overrides(data, overrides)
     data = _sources_from_strings(data)
     return from_dict(RunConfig, data)

@@ -44,7 +44,7 @@ def trainable_modes(cfg: Any, image_text: bool) -> dict[str, str]:
     return modes
 
 
-def _processor(checkpoint: Path, model: Any, image_text: bool) -> Any:
+def _processor(checkpoint: Path, image_text: bool) -> Any:
     from medgemma_core import Processor, Tokenizer
     from medgemma_core.processor import ProcessorConfig
 
@@ -52,9 +52,9 @@ def _processor(checkpoint: Path, model: Any, image_text: bool) -> Any:
         return Processor.from_checkpoint(checkpoint)
     tok = Tokenizer.from_checkpoint(checkpoint)
     if tok.image_token_id is None:
-        # A text-only tokenizer: give the processor an image token id past the vocabulary.
+        # A text-only tokenizer: give the processor an image token id just past its pieces.
         # Text rows never hold it; it only lets Processor.collate build the labels.
-        extra = max(tok.vocab_size, model.config.vocab_size)
+        extra = tok.vocab_size
         tok = tok.with_added_tokens({extra: "<image_soft_token>"}, special_ids=(extra,))
     return Processor(tok, ProcessorConfig())
 
@@ -88,7 +88,7 @@ def prepare(cfg: Any) -> Prepared:
         wrt = trainable_filter(model, **modes)
     else:
         wrt = trainable_filter(model, decoder=modes["decoder"])
-    return Prepared(model, _processor(path, model, image_text), wrt, image_text,
+    return Prepared(model, _processor(path, image_text), wrt, image_text,
                     {"modes": modes, "adapted": len(adapted), "checkpoint": str(path)})
 
 

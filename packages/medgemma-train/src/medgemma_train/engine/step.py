@@ -67,6 +67,11 @@ def make_optimizer(cfg: OptimizerConfig, total: int) -> tuple[optax.GradientTran
     return optax.chain(*parts, opt), schedule
 
 
+def _norm(tree: Any) -> jax.Array:
+    tree_norm = getattr(getattr(optax, "tree", None), "norm", None)
+    return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
+
+
 def _set_counts(rest: nnx.State, count: jax.Array) -> nnx.State:
     """``rest`` with every RNG stream counter (LoRA dropout) set to ``count``."""
     def one(v: Any) -> Any:
@@ -119,7 +124,7 @@ def build_steps(train_def: Any, eval_def: Any, loss: Callable[[Any, Any], tuple[
         (g_sum, l_sum, n_sum, seen), _ = jax.lax.scan(body, init, (jnp.arange(accum), batch))
         denom = jnp.maximum(n_sum, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = _norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": l_sum / denom, "grad_norm": grad_norm, "lr": schedule(step),

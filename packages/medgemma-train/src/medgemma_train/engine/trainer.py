@@ -223,7 +223,11 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     try:
         with jax.set_mesh(mesh):
             while step < total:
-                batch = _put(next(pipeline), batch_sh, processes, batch_size)
+                local = next(pipeline)
+                digest = int(np.sum(local["tokens"].astype(np.int64)
+                                    * (1 + np.arange(local["tokens"].size).reshape(
+                                        local["tokens"].shape))) % (1 << 31))
+                batch = _put(local, batch_sh, processes, batch_size)
                 state, m = fns.train(state, rest, batch)
                 step += 1
                 writer.advance()
@@ -232,6 +236,7 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
                     now = time.time()
                     dt = max(now - t_last, 1e-9)  # the last step's tokens stand for each since
                     values["tokens_per_s"] = values["input_tokens"] * (step - logged) / dt
+                    values["data_digest"] = digest  # a fingerprint of this step's rows
                     if peak:
                         values["mfu"] = values["tokens_per_s"] * fpt / (peak * jax.device_count())
                     t_last, logged = now, step
@@ -242,10 +247,11 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
                     evaluated = last_eval = evaluate(state["params"])
                     writer.write(step, evaluated, split="eval")
                 saving = (cfg.run.save_every and step % cfg.run.save_every == 0) or evaluated
-                if stop["flag"]:
+                if stop["flag"] or step == cfg.run.stop_at:
                     ckpt.save(step, state["params"], state["opt"], meta(step, evaluated),
                               evaluated, wait=True)
-                    say(f"SIGTERM: saved step {step}; rerun with --resume to continue")
+                    why = "SIGTERM" if stop["flag"] else "run.stop_at"
+                    say(f"{why}: saved step {step}; rerun with --resume to continue")
                     raise Preempted(step)
                 if saving and step < total:
                     ckpt.save(step, state["params"], state["opt"], meta(step, evaluated),
