@@ -141,9 +141,29 @@ def test_text_loss_and_grads_match_transformers(text_pair):
           f"{max(errors.values()):.2e} ({max(errors, key=errors.get)})")
 
 
-def test_image_text_loss_and_grads_match_transformers(mm_pair):
+def test_scanned_layers_match_transformers(tmp_path):
+    """13 layers: two scanned periods of 5 local + 1 global, then one unrolled layer; with full
+    rematerialization inside the scan."""
+    cfg = Gemma3Config.tiny(num_layers=13)
+    ref = save_tiny_causal_lm(tmp_path, cfg, seed=1)
+    model = load_decoder(tmp_path)
+    batch = _text_batch(cfg.vocab_size, seed=2)
+    want_loss, want = _hf_loss_and_grads(ref.train(), input_ids=batch.tokens.astype(np.int64),
+                                         attention_mask=batch.attention_mask.astype(np.int64),
+                                         labels=batch.labels.astype(np.int64))
+    loss, grads = _mean_loss_and_grads(model, batch, chunk=16, scan=True, remat="full")
+    assert abs(float(loss) - want_loss) < 1e-5
+    _compare(grads, want, text_specs(cfg, "model."))
+    graphdef, state = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(
+        lambda s: next_token_loss(nnx.merge(graphdef, s), batch, scan=True)[0])(state))
+    assert jaxpr.count("scan[") == 2  # the layers' scan and the loss's chunks
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned-vision"])
+def test_image_text_loss_and_grads_match_transformers(mm_pair, scan):
     """Rows with 0, 1 and 2 images in 2 slots; window 8 < image block 16; the vision tower's
-    and the projector's gradients included."""
+    and the projector's gradients included (with scan: the 2 vision blocks as a lax.scan)."""
     model, ref = mm_pair
     cfg = model.config
     collated = _image_text_batch(cfg)
@@ -156,7 +176,7 @@ def test_image_text_loss_and_grads_match_transformers(mm_pair):
         token_type_ids=collated.token_type_ids.astype(np.int64),
         pixel_values=collated.pixel_values.transpose(0, 3, 1, 2),
         labels=collated.labels.astype(np.int64))
-    loss, grads = _mean_loss_and_grads(model, batch, chunk=32)
+    loss, grads = _mean_loss_and_grads(model, batch, chunk=32, scan=scan)
     assert abs(float(loss) - want_loss) < 1e-5
     specs = [_prefixed(s, "decoder") for s in text_specs(cfg.text, "model.language_model.")]
     specs += [_prefixed(s, "vision") for s in vision_specs(cfg.vision, "model.vision_tower.")]

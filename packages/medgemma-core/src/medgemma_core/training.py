@@ -196,7 +196,8 @@ def _starts(attention_mask: jax.Array) -> jax.Array:
     return jnp.argmax(jnp.asarray(attention_mask) != 0, axis=1).astype(jnp.int32)
 
 
-def _image_text_embeddings(model: Gemma3Multimodal, batch: TrainBatch, remat: str) -> jax.Array:
+def _image_text_embeddings(model: Gemma3Multimodal, batch: TrainBatch, remat: str,
+                           scan: bool) -> jax.Array:
     """Token embeddings ``[B, T, D]`` with slot ``k`` of row ``b``'s soft tokens in row ``b``'s
     ``k``-th image-token run (runs of ``M`` tokens, checked by ``from_collated``)."""
     tokens = jnp.asarray(batch.tokens)
@@ -208,7 +209,7 @@ def _image_text_embeddings(model: Gemma3Multimodal, batch: TrainBatch, remat: st
     b, n = pixels.shape[:2]
     m = cfg.mm_tokens_per_image
     images = pixels.reshape(b * n, *pixels.shape[2:]).astype(model.dtype)
-    soft = model.projector(model.vision(images, remat=remat))  # [B * N, M, D]
+    soft = model.projector(model.vision(images, remat=remat, scan=scan))  # [B * N, M, D]
     soft = soft.reshape(b, n, m, -1)
     soft = jnp.where(jnp.asarray(batch.image_mask)[:, :, None, None], soft, 0)
     soft = soft.reshape(b, n * m, -1).astype(emb.dtype)
@@ -219,23 +220,26 @@ def _image_text_embeddings(model: Gemma3Multimodal, batch: TrainBatch, remat: st
 
 
 def forward_hidden(model: Model, batch: TrainBatch, *, compute_dtype: Any = None,
-                   remat: str = "none") -> jax.Array:
+                   remat: str = "none", scan: bool = False) -> jax.Array:
     """The final (normed) hidden states ``[B, T, D]`` of a training batch; image blocks are
     bidirectional and the sliding window applies exactly as in inference. ``remat``: the policy
-    of every decoder and vision block (:mod:`medsiglip.remat`)."""
+    of every decoder and vision block; ``scan``: run the decoder's layers (by period of 5 local
+    + 1 global) and the vision blocks as ``lax.scan`` s, which compiles one period instead of
+    every layer (:mod:`medsiglip.remat`)."""
     model = in_compute_dtype(model, compute_dtype)
     decoder = _decoder(model)
     tokens = jnp.asarray(batch.tokens)
     start = _starts(batch.attention_mask)
     if isinstance(model, Gemma3Multimodal):
         image_id = image_blocks(tokens, model.config.image_token_id)
-        h, _ = decoder(tokens, embeddings=_image_text_embeddings(model, batch, remat),
-                       start=start, image_id=image_id, logits_at="none", remat=remat)
+        h, _ = decoder(tokens, embeddings=_image_text_embeddings(model, batch, remat, scan),
+                       start=start, image_id=image_id, logits_at="none", remat=remat,
+                       scan=scan)
         return h
     if batch.pixels is not None:
         raise ValueError("a text-only Gemma3 model got a batch with images; load the image-text "
                          "model (Gemma3Multimodal) or build the batch with slots=0")
-    h, _ = decoder(tokens, start=start, logits_at="none", remat=remat)
+    h, _ = decoder(tokens, start=start, logits_at="none", remat=remat, scan=scan)
     return h
 
 
@@ -306,7 +310,8 @@ def _chunked_loss(h: jax.Array, table: jax.Array, targets: jax.Array, chunk: int
 
 
 def next_token_loss(model: Model, batch: TrainBatch, *, chunk: int = DEFAULT_CHUNK,
-                    compute_dtype: Any = None, remat: str = "none") -> tuple[jax.Array, jax.Array]:
+                    compute_dtype: Any = None, remat: str = "none",
+                    scan: bool = False) -> tuple[jax.Array, jax.Array]:
     """``(loss_sum, n_tokens)``: the summed next-token cross entropy (float32) and the number of
     tokens it counts (int32), ``chunk`` tokens projected onto the vocabulary at a time.
 
@@ -317,18 +322,18 @@ def next_token_loss(model: Model, batch: TrainBatch, *, chunk: int = DEFAULT_CHU
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     table = _decoder(model).embedding[...]
     softcap = _decoder(model).config.final_logit_softcapping
-    h = forward_hidden(model, batch, compute_dtype=compute_dtype, remat=remat)
+    h = forward_hidden(model, batch, compute_dtype=compute_dtype, remat=remat, scan=scan)
     hs, targets = _shifted(h, batch.labels)
     total = _chunked_loss(hs, table, targets, chunk, softcap)
     return total, jnp.sum(targets >= 0).astype(jnp.int32)
 
 
 def naive_next_token_loss(model: Model, batch: TrainBatch, *, compute_dtype: Any = None,
-                          remat: str = "none") -> tuple[jax.Array, jax.Array]:
+                          remat: str = "none", scan: bool = False) -> tuple[jax.Array, jax.Array]:
     """:func:`next_token_loss` from the whole ``[B, T, V]`` float32 logits (the model's own
     ``logits``): for tests and memory comparisons."""
     model = in_compute_dtype(model, compute_dtype)
-    h = forward_hidden(model, batch, remat=remat)
+    h = forward_hidden(model, batch, remat=remat, scan=scan)
     logits = _decoder(model).logits(h)[:, :-1]
     targets = jnp.asarray(batch.labels, jnp.int32)[:, 1:]
     logp = jax.nn.log_softmax(logits, axis=-1)

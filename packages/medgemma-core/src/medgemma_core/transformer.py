@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from medsiglip import weights
-from medsiglip.remat import check_remat, remat_block
+from medsiglip.remat import check_remat, run_blocks
 from medsiglip.sharding import constrain, param
 
 from .attention import Attention, AttnInputs
@@ -108,7 +108,8 @@ class Gemma3(nnx.Module):
     def __call__(self, tokens: jax.Array, *, embeddings: jax.Array | None = None,
                  cache: KVCache | None = None, start: jax.Array | None = None,
                  image_id: jax.Array | None = None,
-                 logits_at: str = "all", remat: str = "none") -> tuple[jax.Array, KVCache | None]:
+                 logits_at: str = "all", remat: str = "none",
+                 scan: bool = False) -> tuple[jax.Array, KVCache | None]:
         """Run T new tokens [B, T].
 
         Without a cache the tokens are a whole sequence at indices 0..T-1 (``start`` marks left
@@ -116,11 +117,13 @@ class Gemma3(nnx.Module):
         replaces the token embedding (the image-text model inserts soft tokens there).
         ``logits_at``: "all" [B, T, V], "last" [B, V], or "none" (final hidden states).
         ``remat``: the rematerialization policy of every block for training
-        (:mod:`medsiglip.remat`: "none", "full", "dots"); only without a cache.
+        (:mod:`medsiglip.remat`: "none", "full", "dots"); ``scan``: run the layers as a
+        ``lax.scan`` over their local/global period (one period compiled, not every layer).
+        Both only without a cache.
         """
-        if check_remat(remat) != "none" and cache is not None:
-            raise ValueError("remat is for training (whole sequences); pass remat='none' with "
-                             "a KV cache")
+        if (check_remat(remat) != "none" or scan) and cache is not None:
+            raise ValueError("remat and scan are for training (whole sequences); pass "
+                             "remat='none', scan=False with a KV cache")
         b, t = tokens.shape
         h = self.embed(tokens) if embeddings is None else embeddings
         base = jnp.zeros((), jnp.int32) if cache is None else cache.length
@@ -131,20 +134,18 @@ class Gemma3(nnx.Module):
         inp = AttnInputs(q_index=qidx, start=start, positions=jnp.maximum(positions, 0),
                          image_id=image_id)
         freqs = self._inv_freqs()
-        run = remat_block(_run_block, remat)
-        new_layers: list[Any] = []
-        for i, block in enumerate(self.layers):
-            local = self.config.is_local(i)
-            entry = None if cache is None else cache.layers[i]
-            ring = None if cache is None else cache.ring_index
-            if cache is None:
-                h = run(block, h, dataclasses.astuple(inp), freqs[local])
-                new = None
-            else:
-                h, new = block(h, inp, freqs[local], entry, ring)
-            new_layers.append(new)
         new_cache = None
-        if cache is not None:
+        if cache is None:
+            fields = dataclasses.astuple(inp)
+            h = run_blocks(self.layers, h, _run_block, remat=remat, scan=scan,
+                           period=layer_period(self.config),
+                           extra=lambda i: (fields, freqs[self.config.is_local(i)]))
+        else:
+            new_layers: list[Any] = []
+            for i, block in enumerate(self.layers):
+                local = self.config.is_local(i)
+                h, new = block(h, inp, freqs[local], cache.layers[i], cache.ring_index)
+                new_layers.append(new)
             new_cache = cache.replace(layers=tuple(new_layers),
                                       ring_index=_advance_ring(cache.ring_index, qidx),
                                       length=base + t)
@@ -154,6 +155,13 @@ class Gemma3(nnx.Module):
         if logits_at == "last":
             h = h[:, -1]
         return self.logits(h), new_cache
+
+
+def layer_period(cfg: Gemma3Config) -> int:
+    """The smallest p with layer i local exactly when layer i % p is (6 for Gemma 3's 5:1)."""
+    n = cfg.num_layers
+    return next(p for p in range(1, n + 1)
+                if all(cfg.is_local(i) == cfg.is_local(i % p) for i in range(n)))
 
 
 def _run_block(block: Block, h: jax.Array, inp: tuple, inv_freq: jax.Array) -> jax.Array:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medsiglip.lora import adapt
-from medsiglip.remat import remat_block
+from medsiglip.remat import run_blocks
 from medsiglip.sharding import constrain, param
 
 EMBED, HEADS, MLP_AXIS = "vision_embed", "vision_heads", "vision_mlp"
@@ -181,12 +181,10 @@ class Encoder(nnx.Module):
             for _ in range(num_layers)
         ])
 
-    def __call__(self, x: jax.Array, *, remat: str = "none") -> jax.Array:
-        """``remat``: the rematerialization policy of every block (:mod:`medsiglip.remat`)."""
-        run = remat_block(_run_block, remat)
-        for layer in self.layers:
-            x = run(layer, x)
-        return x
+    def __call__(self, x: jax.Array, *, remat: str = "none", scan: bool = False) -> jax.Array:
+        """``remat``: the rematerialization policy of every block; ``scan``: run the blocks as
+        one ``lax.scan`` (:func:`medsiglip.remat.run_blocks`)."""
+        return run_blocks(self.layers, x, _run_block, remat=remat, scan=scan)
 
 
 def _run_block(block: EncoderBlock, x: jax.Array) -> jax.Array:

@@ -92,12 +92,13 @@ class VisionTower(nnx.Module):
                 f"{cfg.image_size}) or resize the position embedding to your size"
             )
 
-    def __call__(self, pixels: jax.Array, *, remat: str = "none") -> jax.Array:
+    def __call__(self, pixels: jax.Array, *, remat: str = "none", scan: bool = False
+                 ) -> jax.Array:
         """Normalized images ``[B, H, W, C]`` -> post-LayerNorm patch tokens ``[B, N, D]``
-        (``remat``: the encoder blocks' policy, :mod:`medsiglip.remat`)."""
+        (``remat``, ``scan``: how the encoder runs its blocks, :mod:`medsiglip.remat`)."""
         self._check(pixels)
         x = self.embeddings(pixels)
-        x = self.encoder(x, remat=remat)
+        x = self.encoder(x, remat=remat, scan=scan)
         return self.post_layernorm(x)
 
     def pool(self, tokens: jax.Array) -> jax.Array:
