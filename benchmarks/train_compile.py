@@ -1,14 +1,14 @@
 """Compile time and compiled memory of one MedGemma training step (no weights, no data).
 
 One step: the chunked next-token loss (``medgemma_core.training.next_token_loss``) of an
-image-text batch, its gradient, and an optax AdamW update, on abstract inputs
+image-text batch, its gradient, and an optax AdamW update (or none), on abstract inputs
 (``nnx.eval_shape`` / ``jax.ShapeDtypeStruct``): ``jax.jit(step).lower(...).compile()``, so
 nothing is allocated. Prints one JSON object: seconds to trace and lower, seconds to compile,
 and the compiled program's ``memory_analysis()`` bytes.
 
     python benchmarks/train_compile.py [--model 4b|27b|tiny] [--batch 1] [--seq 512]
         [--images 1] [--remat none|full|dots] [--compute-dtype bfloat16|float32]
-        [--param-dtype float32|bfloat16] [--scan]
+        [--param-dtype float32|bfloat16] [--scan] [--optimizer adamw|none]
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--param-dtype", default="float32")
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--scan", action="store_true", help="scan over the decoder's layers")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "none"),
+                        help="none: the loss and its gradient only")
     args = parser.parse_args()
 
     import jax
@@ -64,6 +66,8 @@ def main() -> None:
             return total / jnp.maximum(count, 1)
 
         value, grads = jax.value_and_grad(loss)(params)
+        if args.optimizer == "none":
+            return grads, opt_state, value
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
@@ -77,7 +81,7 @@ def main() -> None:
     print(json.dumps({
         "model": args.model, "batch": b, "seq": t, "image_slots": n, "remat": args.remat,
         "param_dtype": args.param_dtype, "compute_dtype": args.compute_dtype,
-        "chunk": args.chunk, "scan": args.scan, "backend": jax.default_backend(),
+        "chunk": args.chunk, "scan": args.scan, "optimizer": args.optimizer, "backend": jax.default_backend(),
         "cpu": platform.processor() or platform.machine(),
         "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
         "temp_size_in_bytes": mem.temp_size_in_bytes,

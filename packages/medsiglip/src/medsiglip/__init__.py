@@ -11,11 +11,11 @@ path:
 * :func:`load_vision_tower_from_tensors` (HF tensor names, every Gemma 3 / SigLIP prefix),
 * :func:`preprocess` (any image -> ``[B, S, S, 3]`` in [-1, 1]),
 * :mod:`medsiglip.weights`: tensor sources, ``fill``, abstract modules, Orbax folders,
-* :mod:`medsiglip.sharding` and :mod:`medsiglip.lora`: the logical-axis rules table and the LoRA
-  mechanism that medgemma-core shares.
+* :mod:`medsiglip.sharding`, :mod:`medsiglip.lora` and :mod:`medsiglip.remat`: the logical-axis
+  rules table, the LoRA mechanism and the per-block remat / scan that medgemma-core shares.
 """
 
-from medsiglip import lora, sharding, weights
+from medsiglip import lora, remat, sharding, weights
 from medsiglip.api import MedSigLIP
 from medsiglip.checkpoints.convert import load_vision_tower_from_tensors
 from medsiglip.checkpoints.export import save_hf
@@ -51,6 +51,7 @@ __all__ = [
     "load_vision_tower_from_tensors",
     "lora",
     "preprocess",
+    "remat",
     "resize_position_embedding",
     "restore_checkpoint",
     "save_checkpoint",
