@@ -52,9 +52,8 @@ def load_command(target: str) -> Command:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
+    def error(self, message: str) -> None:  # one line (argparse would print the usage too)
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser(commands: dict[str, str] | None = None) -> argparse.ArgumentParser:
@@ -64,7 +63,8 @@ def build_parser(commands: dict[str, str] | None = None) -> argparse.ArgumentPar
                                 parser_class=_Parser)
     for name, target in (commands or COMMANDS).items():
         cmd = load_command(target)
-        sp = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help,
+        sp = sub.add_parser(name, help=cmd.help.replace("%", "%%"),
+                            description=cmd.description or cmd.help,
                             epilog=cmd.epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_arguments(sp)
         sp.set_defaults(_run=cmd.run)
@@ -72,10 +72,10 @@ def build_parser(commands: dict[str, str] | None = None) -> argparse.ArgumentPar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from .evals.spec import EvalError
 
     try:
+        args = build_parser().parse_args(argv)
         return int(args._run(args) or 0)
     except (UsageError, EvalError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
