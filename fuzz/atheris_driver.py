@@ -26,6 +26,8 @@ def _import_all(name: str) -> None:
     if name not in OURS or not hasattr(module, "__path__"):
         return
     for info in pkgutil.walk_packages(module.__path__, f"{name}."):
+        if info.name.endswith(".__main__"):  # importing it runs the command line
+            continue
         try:
             importlib.import_module(info.name)
         except ImportError:  # an optional dependency (pytest for the plugin test kit)

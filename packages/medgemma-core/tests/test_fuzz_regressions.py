@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from medgemma_core.checkpoints import CheckpointError, text_source
+from medgemma_core.config import Gemma3Config
 from medgemma_core.multimodal import MultimodalConfig
 from medgemma_core.tokenizer import Tokenizer
 
@@ -23,6 +24,7 @@ CASES = {
     "safetensors_infinite_offset.safetensors.bin": "OverflowError: int(inf) in data_offsets",
     "mm_config_eoi_token_object.json": "TypeError: int({}) for eoi_token_index",
     "tokenizer_piece_not_utf8.model": "TypeError: a non-UTF-8 piece came back as bytes",
+    "config_num_kv_heads_zero.json": "ZeroDivisionError: num_heads % num_key_value_heads",
 }
 
 
@@ -46,6 +48,18 @@ def test_safetensors_finding_is_a_checkpoint_error(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(
         (HERE / "safetensors_infinite_offset.safetensors.bin").read_bytes())
     with pytest.raises(CheckpointError, match="model.safetensors"):
+        text_source(tmp_path)
+
+
+def test_config_with_zero_kv_heads_is_a_checkpoint_error_naming_config_json(tmp_path):
+    (tmp_path / "config.json").write_bytes((HERE / "config_num_kv_heads_zero.json").read_bytes())
+    with pytest.raises(ValueError, match="num_kv_heads is 0"):
+        Gemma3Config.from_hf_dict(json.loads((tmp_path / "config.json").read_text()))
+    header = json.dumps({"model.embed_tokens.weight": {
+        "dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(CheckpointError, match=r"config\.json: .*num_kv_heads is 0"):
         text_source(tmp_path)
 
 

@@ -55,6 +55,10 @@ class Gemma3Config:
         bad = set(self.layer_types) - {LOCAL, GLOBAL}
         if bad:
             raise ValueError(f"unknown layer types {sorted(bad)}; expected {LOCAL!r} or {GLOBAL!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads",
+                     "num_kv_heads", "head_dim", "sliding_window", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} is {getattr(self, name)}; it must be at least 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of {self.num_kv_heads}")
 
