@@ -92,3 +92,38 @@ def test_vqa_end_to_end_on_the_tiny_image_text_model(tiny_mm, tokenizer_files, t
         assert r["output_tokens"] == want, r["id"]
         assert r["gold"] == row["answer"] and isinstance(r["correct"], bool)
     assert np.isfinite(summary["metrics"]["token_f1"]["value"])
+
+
+def test_cxr_tasks_generate_on_the_tiny_image_text_model(tiny_mm, tmp_path):
+    """Report generation and multi-label classification end to end: DICOM and PNG images
+    through the radiograph plugin, ROUGE-L recomputed with rouge-score on the raw outputs."""
+    import pydicom
+    from rouge_score import rouge_scorer
+
+    from medgemma_core import load
+    from medgemma_train.evals import evaluate
+
+    dcm = pydicom.data.get_testdata_file("CT_small.dcm", download=False)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 50), dtype=np.uint8),
+                    mode="L").save(tmp_path / "a.png")
+    reports = tmp_path / "reports.jsonl"
+    reports.write_text(json.dumps({"id": "r1", "image": "a.png", "report": "Heart size normal."})
+                       + "\n" + json.dumps({"id": "r2", "image": dcm, "report": "No effusion."})
+                       + "\n")
+    model = load(tiny_mm[0])
+    summary = evaluate(get_task("cxr_report"), GenerateMode(model, batch_size=2,
+                                                            max_new_tokens=5),
+                       data=reports, out=tmp_path / "rep", progress=False, n_boot=100)
+    records = [json.loads(x) for x in (tmp_path / "rep" / "items.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["r1", "r2"] and summary["n"] == 2
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    want = np.mean([scorer.score(r["gold"], r["output"].strip())["rougeL"].fmeasure
+                    for r in records])
+    assert summary["metrics"]["rouge_l"]["value"] == pytest.approx(want, abs=1e-6)
+    assert summary["metrics"]["bleu"]["value"] is not None
+    assert "radgraph_f1" in summary["metrics"]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"image": "a.png", "labels": ["Edema"]}) + "\n")
+    summary = evaluate(get_task("cxr_labels"), GenerateMode(model, max_new_tokens=5),
+                       data=labels, progress=False, n_boot=100)
+    assert summary["n"] == 1 and "macro_f1" in summary["metrics"]
