@@ -75,6 +75,24 @@ def _put(batch: dict, shardings: dict, processes: int, global_rows: int) -> dict
     return out
 
 
+def _place(tree: Any, shardings: Any) -> Any:
+    """``tree`` (the same values in every process) on global ``shardings``: ``device_put``
+    in one process, else each process fills its own shards (``make_array_from_callback``)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x: Any, sh: Any) -> Any:
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(x))
+            rep = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
+            placed = jax.make_array_from_callback(data.shape, rep, lambda i: data[i])
+            return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sh, lambda i: host[i])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
           say: Any = None) -> dict[str, Any]:
     """Run (or with ``dry_run`` only plan) ``stage`` under ``cfg``; returns the summary."""
@@ -150,8 +168,8 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     from medgemma_core.sharding import shardings, tree_shardings
 
     params_sh, rest_sh = shardings(params, mesh), shardings(rest, mesh)
-    params = jax.device_put(params, params_sh)
-    rest = jax.device_put(rest, rest_sh)
+    params = _place(params, params_sh)
+    rest = _place(rest, rest_sh)
     opt_abstract = jax.eval_shape(tx.init, params)
     opt_sh = tree_shardings(opt_abstract, params, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
@@ -176,8 +194,8 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
                              f"step then); resume with the same data and settings")
         pipeline.set_state(meta["data_state"])
         say(f"resumed from step {start} ({ckpt_dir / str(start)})")
-    state = {"params": params, "opt": opt_state, "step": jax.device_put(jnp.int32(start),
-                                                                        replicated)}
+    state = {"params": params, "opt": opt_state,
+             "step": _place(jnp.asarray(start, jnp.int32), replicated)}
     if process == 0:
         out.mkdir(parents=True, exist_ok=True)
         import yaml
