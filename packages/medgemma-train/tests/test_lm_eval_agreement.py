@@ -28,18 +28,20 @@ def _check(records, theirs, atol):
 
 
 def test_tiny_model_letters_and_option_texts(tiny_text, tiny_text_model, tmp_path, qa_dir):
-    """A tiny random model, 12 MedQA items, two continuation styles: one-token letters (one row
-    shared by the options) and the options' own texts (a row each, several tokens)."""
+    """A tiny random model, two continuation styles: one-token letters (one row shared by the
+    options; 12 MedQA items) and the options' own texts (a row each, several tokens; 8 MedMCQA
+    items, whose short questions keep lm-eval's full-vocabulary logits small)."""
     import transformers
 
     folder, reference = tiny_text
     tok = transformers.AutoTokenizer.from_pretrained(folder)
-    medqa = get_task("medqa")
-    items = read_items(medqa, qa_dir / "medqa_sampled_50.jsonl")[0].items[:12]
-    texts = dataclasses.replace(medqa, prompt=Prompt(loglik=medqa.prompt.loglik,
-                                                     continuation=" {text}",
-                                                     generate=medqa.prompt.generate))
-    for n, task in enumerate((medqa, texts)):
+    medqa, medmcqa = get_task("medqa"), get_task("medmcqa")
+    texts = dataclasses.replace(medmcqa, prompt=Prompt(loglik=medmcqa.prompt.loglik,
+                                                       continuation=" {text}",
+                                                       generate=medmcqa.prompt.generate))
+    runs = [(medqa, read_items(medqa, qa_dir / "medqa_sampled_50.jsonl")[0].items[:12]),
+            (texts, read_items(texts, qa_dir / "medmcqa_sampled_50.jsonl")[0].items[:8])]
+    for n, (task, items) in enumerate(runs):
         records = _ours(tiny_text_model, task, items, batch_size=3)
         if task is texts:
             assert max(len(o["continuation_ids"]) for r in records for o in r["options"]) > 4
