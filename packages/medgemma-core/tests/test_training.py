@@ -401,5 +401,7 @@ def test_remat_choices_are_checked(text_pair):
     with pytest.raises(ValueError, match="remat='some' is not a policy; choose one of 'none'"):
         model(tokens, remat="some")
     cache = KVCache.create(model.config, 1, 8, jnp.zeros((1,), jnp.int32))
-    with pytest.raises(ValueError, match="remat is for training"):
+    with pytest.raises(ValueError, match="remat and scan are for training"):
         model(tokens, cache=cache, remat="full")
+    with pytest.raises(ValueError, match="remat and scan are for training"):
+        model(tokens, cache=cache, scan=True)
