@@ -117,7 +117,6 @@ def evaluate(task: EvalTask, scorer: Scorer, *, data: str | Path | None = None,
         _check_run(out_dir, identity)
         items_file = out_dir / ITEMS
         done = _load_done(items_file)
-    wanted = {it.id for it in items}
     todo = [it for it in items if it.id not in done]
     from tqdm import tqdm
 
@@ -143,7 +142,7 @@ def evaluate(task: EvalTask, scorer: Scorer, *, data: str | Path | None = None,
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    ordered = [done[it.id] for it in items if it.id in done and it.id in wanted]
+    ordered = [done[it.id] for it in items if it.id in done]  # dataset order, this --limit
     summary = summarize(task, scorer.mode, ordered, read.skipped, n_boot=n_boot, seed=seed)
     summary.update(checkpoint=checkpoint, data=str(path))
     summary["timing"] = {"seconds": round(seconds, 3), "scored_now": len(todo),
