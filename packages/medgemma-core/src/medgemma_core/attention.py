@@ -7,6 +7,13 @@ derived from those indices, the query indices and each row's first real index (l
                        and (global or qidx[t] - kidx[s] < window)  (sliding window, one-sided)
                        or the pair lies in the same image block    (bidirectional, windowed)
 
+Cost follows the mask: short runs (at most QUERY_BLOCK queries) take one dense score matrix;
+longer ones on local layers without image blocks compute only the window band (query blocks
+of LOCAL_BLOCK against the ``window + LOCAL_BLOCK`` keys around them: O(T·W)); everything
+else (global layers, image blocks) is blocked online-softmax attention over FLASH_BLOCK key
+blocks that skips blocks the mask hides (O(T·block) memory, never T x S). On GPUs, whole
+sequences without image blocks or left padding go to cuDNN's fused attention.
+
 Local (sliding-window) layers keep a ring buffer of ``window`` slots: index i lives in slot
 ``i % window``; so their cache is O(window) whatever the context length.
 """
@@ -25,7 +32,10 @@ from medsiglip.sharding import constrain, param
 from .layers import RMSNorm, apply_rope, matmul
 
 NEG_INF = -2.3819763e38  # finite "minus infinity": fully-masked (padding) rows stay NaN-free
-QUERY_BLOCK = 512  # long prefills attend this many queries at a time
+QUERY_BLOCK = 512  # runs of at most this many queries take the dense path (one score matrix)
+LOCAL_BLOCK = 256  # queries per step of the banded sliding-window path (keys: window + block)
+FLASH_BLOCK = 512  # queries and keys per step of the blocked online-softmax path
+_BIG = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +111,17 @@ class Attention(nnx.Module):
         if cache is not None and t == 1:
             return self._decode_step(q, k, v, inp, cache, ring_index)
         k_img = inp.image_id
+        band = self.window is not None and k_img is None and t > QUERY_BLOCK
         if cache is None:
+            if band:
+                out = _maybe_cudnn(self, q, k, v, inp, lambda: self._banded(
+                    q, k, v, inp.q_index, inp.q_index, inp.start, 0))
+                return self._project(out), None
             keys, values, kidx, new_cache = k, v, inp.q_index, None
+            if self.window is None and k_img is None:
+                out = _maybe_cudnn(self, q, k, v, inp, lambda: self._attend(
+                    q, keys, values, inp.q_index, kidx, inp.start, None, None))
+                return self._project(out), None
         elif self.window is None:  # global: write at the absolute indices, attend to all slots
             ck, cv = cache
             keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, inp.q_index[0], 0))
@@ -116,20 +135,30 @@ class Attention(nnx.Module):
         else:  # local, a chunk: attend to the old ring plus the chunk, keep its last w entries
             ck, cv = cache
             k, v = k.astype(ck.dtype), v.astype(cv.dtype)
-            keys = jnp.concatenate([ck, k], axis=2)
-            values = jnp.concatenate([cv, v], axis=3)
-            kidx = jnp.concatenate([ring_index, inp.q_index])
             w = ck.shape[2]
             m = min(t, w)
             slots = inp.q_index[t - m:] % w
             new_cache = (ck.at[:, :, slots].set(k[:, :, t - m:]),
                          cv.at[:, :, :, slots].set(v[:, :, :, t - m:]))
+            if band:  # the ring in index order (empty slots first), then the chunk
+                order = jnp.argsort(ring_index)
+                keys = jnp.concatenate([ck[:, :, order], k], axis=2)
+                values = jnp.concatenate([cv[:, :, :, order], v], axis=3)
+                kidx = jnp.concatenate([ring_index[order], inp.q_index])
+                out = self._banded(q, keys, values, inp.q_index, kidx, inp.start, w)
+                return self._project(out), new_cache
+            keys = jnp.concatenate([ck, k], axis=2)
+            values = jnp.concatenate([cv, v], axis=3)
+            kidx = jnp.concatenate([ring_index, inp.q_index])
             if k_img is not None:
                 k_img = jnp.concatenate([jnp.zeros((k_img.shape[0], w), k_img.dtype), k_img], 1)
         q_img = inp.image_id if k_img is not None else None
         out = self._attend(q, keys, values, inp.q_index, kidx, inp.start, q_img, k_img)
+        return self._project(out), new_cache
+
+    def _project(self, out):
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return adapt(self, "o", out, matmul(out, self.o[...], "bthk,hkd->btd")), new_cache
+        return adapt(self, "o", out, matmul(out, self.o[...], "bthk,hkd->btd"))
 
     def _decode_step(self, q, k, v, inp: AttnInputs, cache, ring_index):
         """One new token per row: attend to the cache as it was plus the token itself, then
@@ -166,27 +195,110 @@ class Attention(nnx.Module):
         return out, new_cache
 
     def _attend(self, q, k, v, qidx, kidx, start, q_img, k_img):
-        """q [B, T, H, Hd], k [B, K, S, Hd], v [B, K, Hd, S] -> [B, T, H, Hd].
-
-        Long query runs are processed QUERY_BLOCK queries at a time (``lax.map``), so a long
-        prefill never holds a T x S score matrix, only QUERY_BLOCK x S per step.
-        """
-        t = q.shape[1]
-        if t <= QUERY_BLOCK or t % QUERY_BLOCK:
+        """q [B, T, H, Hd], k [B, K, S, Hd], v [B, K, Hd, S] -> [B, T, H, Hd]: one dense score
+        matrix for at most QUERY_BLOCK queries, else the blocked online-softmax path."""
+        if q.shape[1] <= QUERY_BLOCK:
             mask = make_mask(qidx, kidx, start, self.window, q_img, k_img)
             return self._attend_block(q, k, v, mask)
-        n = t // QUERY_BLOCK
-        b, _, h, hd = q.shape
-        blocks = (q.reshape(b, n, QUERY_BLOCK, h, hd).swapaxes(0, 1),
-                  qidx.reshape(n, QUERY_BLOCK),
-                  None if q_img is None else q_img.reshape(b, n, QUERY_BLOCK).swapaxes(0, 1))
+        return self._flash(q, k, v, qidx, kidx, start, q_img, k_img)
+
+    def _banded(self, q, k, v, qidx, kidx, start, front: int):
+        """Sliding-window attention over the band only (no image blocks). The keys are
+        ``front`` earlier slots followed by the T new ones, all in index order (empty slots,
+        index -1, first), so query t's window lies in key positions [front + t - W + 1,
+        front + t]: each block of LOCAL_BLOCK queries reads the W + LOCAL_BLOCK keys ending at
+        its own last one (``dynamic_slice``). O(T·W) compute and memory."""
+        b, t, h, hd = q.shape
+        w, bq = self.window, LOCAL_BLOCK
+        n = -(-t // bq)
+        span = w + bq
+        q, qidx = _pad_queries(q, qidx, n * bq)
+        size = max(front + n * bq, span)
+        k, v, kidx = _pad_keys(k, v, kidx, size)
 
         def one(block):
-            qb, qi, qm = block
-            return self._attend_block(qb, k, v, make_mask(qi, kidx, start, self.window, qm, k_img))
+            i, qb, qi = block
+            # dynamic_slice clamps the end into range, but wraps negative starts around
+            s0 = jnp.maximum(i * bq + front - w, 0)
+            kb = jax.lax.dynamic_slice_in_dim(k, s0, span, axis=2)
+            vb = jax.lax.dynamic_slice_in_dim(v, s0, span, axis=3)
+            ki = jax.lax.dynamic_slice_in_dim(kidx, s0, span)
+            return self._attend_block(qb, kb, vb, make_mask(qi, ki, start, w))
 
+        blocks = (jnp.arange(n, dtype=jnp.int32), q.reshape(b, n, bq, h, hd).swapaxes(0, 1),
+                  qidx.reshape(n, bq))
         out = jax.lax.map(one, blocks)
-        return out.swapaxes(0, 1).reshape(b, t, h, hd)
+        return out.swapaxes(0, 1).reshape(b, n * bq, h, hd)[:, :t]
+
+    def _flash(self, q, k, v, qidx, kidx, start, q_img, k_img):
+        """Blocked online-softmax attention: query blocks (``lax.map``, each rematerialized in
+        the backward pass) scan key blocks of FLASH_BLOCK, skipping (``lax.cond``) every block
+        pair that the causal order, the window, empty slots and image ranges rule out. Memory
+        O(T·block) forward and backward."""
+        b, t, h, hd = q.shape
+        kh, g, bs = k.shape[1], self.groups, FLASH_BLOCK
+        nq, nk = -(-t // bs), -(-k.shape[2] // bs)
+        q, qidx = _pad_queries(q, qidx, nq * bs)
+        k, v, kidx = _pad_keys(k, v, kidx, nk * bs)
+        images = q_img is not None
+        if images:
+            q_img = jnp.pad(q_img, ((0, 0), (0, nq * bs - t)))
+            k_img = jnp.pad(k_img, ((0, 0), (0, nk * bs - k_img.shape[1])))
+        q = (q * jnp.asarray(self.scale, q.dtype)).reshape(b, nq, bs, kh, g, hd).swapaxes(0, 1)
+        qi = qidx.reshape(nq, bs)
+        ki = kidx.reshape(nk, bs)
+        kvalid = ki >= 0
+        k_lo = jnp.min(jnp.where(kvalid, ki, _BIG), axis=1)
+        k_hi = jnp.max(jnp.where(kvalid, ki, -1), axis=1)
+        q_lo, q_hi = qi.min(axis=1), qi.max(axis=1)
+        kb = k.reshape(b, kh, nk, bs, hd).transpose(2, 0, 1, 3, 4)
+        vb = v.reshape(b, kh, hd, nk, bs).transpose(3, 0, 1, 2, 4)
+        if images:  # range of the image ids (> 0) present in each block, over the batch
+            qm = q_img.reshape(b, nq, bs).swapaxes(0, 1)
+            km = k_img.reshape(b, nk, bs).swapaxes(0, 1)
+            img_q = (jnp.min(jnp.where(qm > 0, qm, _BIG), axis=(1, 2)), qm.max(axis=(1, 2)))
+            img_k = (jnp.min(jnp.where(km > 0, km, _BIG), axis=(1, 2)), km.max(axis=(1, 2)))
+        else:
+            qm = km = img_q = img_k = None
+        window, softcap, dtype = self.window, self.softcap, q.dtype
+
+        def q_block(args):
+            qb, qib, qmb, lo, hi, iq = args
+
+            def k_block(carry, kargs):
+                kbb, vbb, kib, kmb, klo, khi, ik = kargs
+                live = (khi >= 0) & (klo <= hi)
+                if images:
+                    live = (khi >= 0) & ((klo <= hi) | ((ik[0] <= iq[1]) & (iq[0] <= ik[1])))
+                if window is not None:
+                    live = live & (lo - khi < window)
+
+                def compute(c):
+                    m, l_, acc = c
+                    sc = jnp.einsum("btkgd,bksd->bkgts", qb, kbb.astype(dtype))
+                    sc = sc.astype(jnp.float32)
+                    if softcap is not None:
+                        sc = jnp.tanh(sc / softcap) * softcap
+                    mask = make_mask(qib, kib, start, window, qmb, kmb)[:, None, None]
+                    sc = jnp.where(mask, sc, NEG_INF)
+                    m_new = jnp.maximum(m, sc.max(axis=-1))
+                    p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
+                    corr = jnp.exp(m - m_new)
+                    pv = jnp.einsum("bkgts,bkds->bkgtd", p.astype(dtype), vbb.astype(dtype))
+                    return (m_new, l_ * corr + p.sum(axis=-1),
+                            acc * corr[..., None] + pv.astype(jnp.float32))
+
+                return jax.lax.cond(live, compute, lambda c: c, carry), None
+
+            init = (jnp.full((b, kh, g, bs), NEG_INF, jnp.float32),
+                    jnp.zeros((b, kh, g, bs), jnp.float32),
+                    jnp.zeros((b, kh, g, bs, hd), jnp.float32))
+            (_, l_, acc), _ = jax.lax.scan(k_block, init, (kb, vb, ki, km, k_lo, k_hi, img_k))
+            out = acc / jnp.where(l_ > 0, l_, 1.0)[..., None]  # fully masked rows: zeros
+            return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, bs, h, hd)
+
+        out = jax.lax.map(jax.checkpoint(q_block), (q, qi, qm, q_lo, q_hi, img_q))
+        return out.swapaxes(0, 1).reshape(b, nq * bs, h, hd)[:, :t]
 
     def _attend_block(self, q, k, v, mask):
         """q [B, T, H, Hd], k [B, K, S, Hd], v [B, K, Hd, S], mask [B, T, S] -> [B, T, H, Hd]."""
@@ -200,3 +312,40 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bkds->btkgd", probs, v.astype(q.dtype))
         return out.reshape(b, t, h, hd)
+
+
+def _pad_queries(q, qidx, size):
+    """Pad q [B, T, ...] and qidx [T] to ``size`` queries (indices past the last one)."""
+    extra = size - q.shape[1]
+    if not extra:
+        return q, qidx
+    q = jnp.pad(q, ((0, 0), (0, extra)) + ((0, 0),) * (q.ndim - 2))
+    return q, jnp.concatenate([qidx, qidx[-1] + 1 + jnp.arange(extra, dtype=qidx.dtype)])
+
+
+def _pad_keys(k, v, kidx, size):
+    """Pad k [B, K, S, Hd], v [B, K, Hd, S], kidx [S] to ``size`` empty slots (index -1)."""
+    extra = size - k.shape[2]
+    if not extra:
+        return k, v, kidx
+    return (jnp.pad(k, ((0, 0), (0, 0), (0, extra), (0, 0))),
+            jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, extra))),
+            jnp.concatenate([kidx, jnp.full((extra,), -1, kidx.dtype)]))
+
+
+def _maybe_cudnn(attn: Attention, q, k, v, inp: AttnInputs, xla):
+    """On GPUs, whole sequences that cuDNN's fused attention covers (bf16/f16, no softcap, no
+    image blocks; causal, optionally a window) run there when no row is left-padded (a
+    runtime ``lax.cond``; padded batches take ``xla()``). Elsewhere ``xla()``."""
+    if (jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16)
+            or attn.softcap is not None or inp.image_id is not None or q.shape[-1] > 256):
+        return xla()
+    window = None if attn.window is None else (attn.window - 1, 0)
+
+    def fused(_):
+        return jax.nn.dot_product_attention(
+            q, k.transpose(0, 2, 1, 3).astype(q.dtype), v.transpose(0, 3, 1, 2).astype(q.dtype),
+            scale=attn.scale, is_causal=True, local_window_size=window,
+            implementation="cudnn")
+
+    return jax.lax.cond(jnp.all(inp.start == 0), fused, lambda _: xla(), None)
