@@ -137,21 +137,37 @@ class Attention(nnx.Module):
             k, v = k.astype(ck.dtype), v.astype(cv.dtype)
             w = ck.shape[2]
             m = min(t, w)
-            slots = inp.q_index[t - m:] % w
-            new_cache = (ck.at[:, :, slots].set(k[:, :, t - m:]),
-                         cv.at[:, :, :, slots].set(v[:, :, :, t - m:]))
-            if band:  # the ring in index order (empty slots first), then the chunk
-                order = jnp.argsort(ring_index)
-                keys = jnp.concatenate([ck[:, :, order], k], axis=2)
-                values = jnp.concatenate([cv[:, :, :, order], v], axis=3)
-                kidx = jnp.concatenate([ring_index[order], inp.q_index])
-                out = self._banded(q, keys, values, inp.q_index, kidx, inp.start, w)
-                return self._project(out), new_cache
-            keys = jnp.concatenate([ck, k], axis=2)
-            values = jnp.concatenate([cv, v], axis=3)
-            kidx = jnp.concatenate([ring_index, inp.q_index])
-            if k_img is not None:
-                k_img = jnp.concatenate([jnp.zeros((k_img.shape[0], w), k_img.dtype), k_img], 1)
+            if m == w:  # the chunk's last w entries replace the whole ring: a rotation
+                shift = inp.q_index[t - w] % w
+                new_cache = (jnp.roll(k[:, :, t - w:], shift, axis=2),
+                             jnp.roll(v[:, :, :, t - w:], shift, axis=3))
+            else:
+                slots = inp.q_index[t - m:] % w
+                new_cache = (ck.at[:, :, slots].set(k[:, :, t - m:]),
+                             cv.at[:, :, :, slots].set(v[:, :, :, t - m:]))
+            img = inp.image_id
+
+            def fresh(_):  # an empty ring (a prompt's first chunk): the chunk alone
+                if band:
+                    return self._banded(q, k, v, inp.q_index, inp.q_index, inp.start, 0)
+                return self._attend(q, k, v, inp.q_index, inp.q_index, inp.start, img, img)
+
+            def with_ring(_):
+                if band:  # the ring in index order (empty slots first), then the chunk
+                    order = jnp.argsort(ring_index)
+                    keys = jnp.concatenate([ck[:, :, order], k], axis=2)
+                    values = jnp.concatenate([cv[:, :, :, order], v], axis=3)
+                    kidx = jnp.concatenate([ring_index[order], inp.q_index])
+                    return self._banded(q, keys, values, inp.q_index, kidx, inp.start, w)
+                keys = jnp.concatenate([ck, k], axis=2)
+                values = jnp.concatenate([cv, v], axis=3)
+                kidx = jnp.concatenate([ring_index, inp.q_index])
+                k_img = None if img is None else jnp.concatenate(
+                    [jnp.zeros((img.shape[0], w), img.dtype), img], 1)
+                return self._attend(q, keys, values, inp.q_index, kidx, inp.start, img, k_img)
+
+            out = jax.lax.cond(jnp.all(ring_index < 0), fresh, with_ring, None)
+            return self._project(out), new_cache
         q_img = inp.image_id if k_img is not None else None
         out = self._attend(q, keys, values, inp.q_index, kidx, inp.start, q_img, k_img)
         return self._project(out), new_cache
