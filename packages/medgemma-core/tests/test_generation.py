@@ -194,7 +194,11 @@ def test_query_blocked_attention_equals_unblocked(monkeypatch):
     whole, _ = model(ids, start=start, image_id=image_id)
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
     blocked, _ = model(ids, start=start, image_id=image_id)
-    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=1e-5, rtol=1e-5)
+    # real positions only: a padding query sees no key (the dense path averages every value,
+    # the blocked one gives zeros; neither reaches a real position)
+    for row, s in enumerate(start):
+        np.testing.assert_allclose(np.asarray(blocked[row, s:]), np.asarray(whole[row, s:]),
+                                   atol=1e-5, rtol=1e-5)
 
 
 MEMORY = r"""
