@@ -25,6 +25,7 @@ CASES = {
     "mm_config_eoi_token_object.json": "TypeError: int({}) for eoi_token_index",
     "tokenizer_piece_not_utf8.model": "TypeError: a non-UTF-8 piece came back as bytes",
     "config_num_kv_heads_zero.json": "ZeroDivisionError: num_heads % num_key_value_heads",
+    "mm_config_sliding_window_pattern_zero.json": "ZeroDivisionError in the layer pattern",
 }
 
 
@@ -63,10 +64,19 @@ def test_config_with_zero_kv_heads_is_a_checkpoint_error_naming_config_json(tmp_
         text_source(tmp_path)
 
 
-def test_config_finding_is_a_value_error():
-    raw = json.loads((HERE / "mm_config_eoi_token_object.json").read_text())
-    with pytest.raises(ValueError, match="eoi_token_index"):
+@pytest.mark.parametrize("name,match", [("mm_config_eoi_token_object.json", "eoi_token_index"),
+                                        ("mm_config_sliding_window_pattern_zero.json",
+                                         "sliding_window_pattern is 0")])
+def test_config_finding_is_a_value_error(name, match):
+    raw = json.loads((HERE / name).read_text())
+    with pytest.raises(ValueError, match=match):
         MultimodalConfig.from_hf_dict(raw)
+
+
+def test_config_claiming_1e12_layers_is_refused_before_building_its_pattern():
+    """Found beside the one above: the layer pattern is a tuple of num_hidden_layers entries."""
+    with pytest.raises(ValueError, match="num_hidden_layers is 1000000000000"):
+        Gemma3Config.from_hf_dict({"num_hidden_layers": 10**12})
 
 
 @pytest.mark.parametrize("name,suffix", [("gguf_invalid_byte_piece.gguf.bin", ".gguf"),

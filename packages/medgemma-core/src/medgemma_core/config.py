@@ -10,6 +10,8 @@ from typing import Any
 
 LOCAL = "sliding_attention"
 GLOBAL = "full_attention"
+#: The most layers a config.json may claim (Gemma 3 27B has 62).
+MAX_LAYERS = 10_000
 
 
 def _pattern(num_layers: int, every: int = 6) -> tuple[str, ...]:
@@ -144,9 +146,14 @@ class Gemma3Config:
         if "text_config" in cfg:
             cfg = cfg["text_config"] or {}
         n = int(cfg.get("num_hidden_layers", 26))
+        if not 1 <= n <= MAX_LAYERS:  # the layer pattern below is built from this claim
+            raise ValueError(f"num_hidden_layers is {n}; it must be in 1..{MAX_LAYERS}")
         layer_types = cfg.get("layer_types")
         if not layer_types:
-            layer_types = _pattern(n, int(cfg.get("sliding_window_pattern", 6)))
+            every = int(cfg.get("sliding_window_pattern", 6))
+            if every < 1:
+                raise ValueError(f"sliding_window_pattern is {every}; it must be at least 1")
+            layer_types = _pattern(n, every)
         rope = cfg.get("rope_parameters") or {}
         g = dict(rope.get(GLOBAL) or {})
         loc = dict(rope.get(LOCAL) or {})
