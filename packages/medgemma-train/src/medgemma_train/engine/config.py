@@ -134,6 +134,7 @@ class RunSettings:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0
+    eval_on_start: bool = False  # also validate before the first step (the baseline)
     save_every: int = 100
     keep_last: int = 2
     keep_best: int = 1

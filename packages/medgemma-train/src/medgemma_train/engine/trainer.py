@@ -240,6 +240,8 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     t_last, logged = time.time(), start
     try:
         with jax.set_mesh(mesh):
+            if cfg.run.eval_on_start and start == 0 and eval_sources:
+                writer.write(0, evaluate(state["params"]), split="eval")
             while step < total:
                 local = next(pipeline)
                 digest = int(np.sum(local["tokens"].astype(np.int64)
