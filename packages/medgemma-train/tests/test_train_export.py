@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 from train_fixtures import (
     chat_rows,
+    metrics,
     small_tokenizer,
     tiny_mm_checkpoint,
     tiny_text_checkpoint,
@@ -30,14 +31,14 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-def _run(root, base, data, out, **data_kw):
+def _run(root, base, data, out, *, run=(), **data_kw):
     cfg = load_config(base={
         "model": {"checkpoint": str(base)},
         "data": {"train": [str(data)], "batch_size": 4, "seq_len": 40, **data_kw},
         "lora": {"rank": 4, "dropout": 0.0},
         "optimizer": {"lr": 5e-2, "warmup_ratio": 0.0},
         "run": {"out": str(root / out), "max_steps": 4, "save_every": 0, "keep_best": 0,
-                "progress": False, "export": ["peft", "hf"]}})
+                "progress": False, "export": ["peft", "hf"], **dict(run)}})
     return train(cfg, get_stage("sft"))
 
 
@@ -65,10 +66,30 @@ def _check_command_export(root, run_folder):
 def test_text_exports_match_transformers_and_peft(tmp_path):
     base = _hf_base(tmp_path, tiny_text_checkpoint(tmp_path / "orbax"))
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
-    result = _run(tmp_path, base, data, "run")
+    val_rows = chat_rows(3, seed=9)
+    val = write_jsonl(tmp_path / "val.jsonl", val_rows)
+    result = _run(tmp_path, base, data, "run", eval=[str(val)], mask_prompt=True,
+                  run={"eval_on_start": True})
     run = tmp_path / "run"
+    # the validation loss before training: the base model in transformers on labels built
+    # here by hand (no loss up to and including "<start_of_turn>model\n")
+    from medgemma_core.chat import format_chat
+
+    tok, total, count = small_tokenizer(), 0.0, 0
+    base_lm = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    for row in val_rows:
+        ids = tok.encode(format_chat(row["messages"], add_generation_prompt=False))
+        prompt = len(tok.encode(format_chat(row["messages"][:1], add_generation_prompt=True)))
+        with torch.no_grad():
+            logits = base_lm(torch.tensor([ids])).logits[0, :-1]
+        target = torch.tensor(ids[1:])
+        ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        total += float(ce[prompt - 1:].sum())
+        count += len(ids) - prompt
+    evals = {r["step"]: r["eval_loss"] for r in metrics(run, "eval")}
+    assert evals[0] == pytest.approx(total / count, abs=1e-5)
+    assert evals[4] != pytest.approx(evals[0], abs=1e-3)
     model = result["model"]  # merged by the hf export
-    tok = small_tokenizer()
     ids = np.asarray([tok.encode("<bos><start_of_turn>user\nWhat comes after 41?<end_of_turn>\n"
                                  "<start_of_turn>model\n42")], np.int32)
     ours = _ours(model, TrainBatch(ids, ids, np.ones_like(ids)))
