@@ -152,3 +152,51 @@ def test_cli_user_mistakes_are_one_line_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
         assert "Traceback" not in err
+
+
+def _source(name, n, weight):
+    from medgemma_train.engine.data import Example, Source
+
+    return Source(name, f"{name}.jsonl", "chat", weight,
+                  tuple(Example(f"{name}:{i}") for i in range(n)), ())
+
+
+def test_mixture_repeats_the_small_set_and_resumes_exactly():
+    """A 4-row set mixed 1:3 with a 100-row set: a quarter of the rows come from it, each of
+    its rows reappearing every epoch (it does not end the mixture); the iterator state
+    restores to the same continuation."""
+    from medgemma_train.engine.pipeline import Pipeline
+
+    def encoder(rows, accum):
+        return [r.where for r in rows]
+
+    sources = [_source("small", 4, 1.0), _source("big", 100, 3.0)]
+    pipe = Pipeline(sources, encoder, batch_size=8, accum=1, seed=0)
+    steps = [next(pipe) for _ in range(25)]  # 200 rows
+    rows = [r for s in steps for r in s]
+    small = [r for r in rows if r.startswith("small")]
+    assert len(small) == 50  # weight 1/4 of 200
+    assert sorted(set(small)) == [f"small:{i}" for i in range(4)]
+    assert all(small.count(f"small:{i}") in (12, 13) for i in range(4))
+    state = pipe.get_state()
+    ahead = [next(pipe) for _ in range(3)]
+    again = Pipeline(sources, encoder, batch_size=8, accum=1, seed=0)
+    again.set_state(state)
+    assert [next(again) for _ in range(3)] == ahead
+    other = Pipeline(sources, encoder, batch_size=8, accum=1, seed=1)
+    assert [next(other) for _ in range(25)] != steps  # the seed shuffles
+
+
+def test_rows_split_among_processes_and_micro_batches():
+    from medgemma_train.engine.pipeline import Pipeline
+
+    sources = [_source("a", 32, 1.0)]
+    whole = Pipeline(sources, lambda rows, accum: [r.where for r in rows], batch_size=4,
+                     accum=2, seed=0)
+    parts = [Pipeline(sources, lambda rows, accum: [r.where for r in rows], batch_size=4,
+                      accum=2, seed=0, process=p, processes=2) for p in range(2)]
+    for _ in range(3):
+        rows = next(whole)
+        p0, p1 = next(parts[0]), next(parts[1])
+        # micro-batch a holds rows a*4 .. a*4+3; process p its half of each
+        assert p0 == rows[0:2] + rows[4:6] and p1 == rows[2:4] + rows[6:8]
