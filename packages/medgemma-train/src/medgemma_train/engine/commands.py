@@ -189,7 +189,9 @@ def run_stage(args: argparse.Namespace, stage_name: str) -> int:
 
 
 SFT = Command("sft", "supervised fine-tuning (full or LoRA) on chat, manifest or QA data",
-              _train_args, lambda args: run_stage(args, "sft"), description=__doc__ or "")
+              _train_args, lambda args: run_stage(args, "sft"),
+              description="Supervised fine-tuning, full or LoRA, of a text or image-text "
+                          "model.\n\n" + (__doc__ or "").split("\n\n", 1)[-1])
 
 
 # ---- export -----------------------------------------------------------------------------------
