@@ -138,6 +138,8 @@ def test_cli_user_mistakes_are_one_line_exit_2(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text(_chat([{"messages": [{"role": "user", "content": "q"},
                                          {"role": "assistant", "content": "a"}]}]))
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text(data.read_text() + "{oops\n")
     cases = [
         (["sft", "--data", str(data), "--set", "optimizer.lrr=1"], "did you mean optimizer.lr"),
         (["sft", "--data", str(tmp_path / "none.jsonl"), "--checkpoint", str(tmp_path)],
@@ -145,6 +147,8 @@ def test_cli_user_mistakes_are_one_line_exit_2(tmp_path, capsys):
         (["sft", "--data", str(data), "--checkpoint", str(tmp_path / "nock")],
          "checkpoint"),
         (["sft", "--config", str(tmp_path / "no.yaml")], "no.yaml not found"),
+        (["sft", "--data", str(corrupt), "--checkpoint", str(tmp_path)],
+         f"{corrupt}:2: not JSON"),
         (["export", str(tmp_path), "--to", "hf", str(tmp_path / "o")], "not a medgemma-train run"),
     ]
     for argv, words in cases:
