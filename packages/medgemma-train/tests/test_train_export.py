@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import peft
 import pytest
+import torch
+import transformers
 from PIL import Image
 from safetensors.numpy import load_file
 from train_fixtures import (
@@ -25,10 +28,6 @@ from medgemma_train.cli import main
 from medgemma_train.engine.config import load_config
 from medgemma_train.engine.stages import get_stage
 from medgemma_train.engine.trainer import train
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 
 def _run(root, base, data, out, *, run=(), **data_kw):
