@@ -62,7 +62,7 @@ def _image_slots(cfg: RunConfig, sources: list, image_text: bool) -> int:
 def _decoder_shape(model: Any) -> tuple[int, int]:
     cfg = getattr(model, "config", None)
     text = getattr(cfg, "text", cfg)
-    return int(getattr(text, "num_layers", 0) or 0), int(getattr(text, "embed_dim", 0) or 0)
+    return int(getattr(text, "num_layers", 0) or 0), int(getattr(text, "hidden_size", 0) or 0)
 
 
 def _put(batch: dict, shardings: dict, processes: int, global_rows: int) -> dict:
@@ -207,8 +207,10 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     fpt = flops_per_token(n_params, layers, cfg.data.seq_len, width)
     peak = peak_flops(jax.devices()[0])
     stop = {"flag": False}
-    old = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) \
-        if hasattr(signal, "SIGTERM") else None
+    try:  # only the main thread may install handlers
+        old = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    except ValueError:
+        old = None
 
     def meta(step: int, metrics: dict | None) -> dict:
         return {"step": step, "seed": cfg.run.seed, "data_state": pipeline.get_state(),
