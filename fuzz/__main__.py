@@ -10,7 +10,7 @@
 ``all`` runs each target in a child process, one at a time, prints one line per target
 (executions, seconds, findings) and writes ``summary.json``; it exits 1 when any target has
 a finding or ran fewer than ``--runs`` executions. Outputs go under ``--out`` (default
-``.nox/fuzz``): findings, atheris corpora and artifacts.
+``.nox/_cache/fuzz``): findings, atheris corpora and artifacts.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ from .engine import WATCHDOG_EXIT, Watchdog, minimise, mutation_run, seed_outcom
 from .registry import find, targets
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / ".nox" / "fuzz"
+# beside nox's caches; not .nox/fuzz, which is the nox session's own venv
+DEFAULT_OUT = ROOT / ".nox" / "_cache" / "fuzz"
+# inputs are written to files: on tmpfs when there is one (no disk stalls under load)
+SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 def _cmd_list(_: argparse.Namespace) -> int:
@@ -53,7 +56,7 @@ def _cmd_mutate(args: argparse.Namespace) -> int:
     report = Path(args.report) if args.report else out / f"{target.name}.mutate.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     watchdog = Watchdog(report, target.name)
-    with tempfile.TemporaryDirectory(prefix=f"fuzz-{target.name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"fuzz-{target.name}-", dir=SCRATCH) as tmp:
         stats = mutation_run(target, runs=args.runs, seed=args.seed, work=Path(tmp),
                              out=out / "findings" / target.name, watchdog=watchdog,
                              max_seconds=args.max_seconds)
@@ -68,7 +71,7 @@ def _cmd_atheris(args: argparse.Namespace) -> int:
     from .atheris_driver import run
 
     target = find(args.target)
-    with tempfile.TemporaryDirectory(prefix=f"fuzz-{target.name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"fuzz-{target.name}-", dir=SCRATCH) as tmp:
         run(target, runs=args.runs, work=Path(tmp), out=Path(args.out), seed=args.seed)
     return 0  # not reached: libFuzzer exits the process
 
