@@ -71,8 +71,10 @@ def _cmd_atheris(args: argparse.Namespace) -> int:
     from .atheris_driver import run
 
     target = find(args.target)
-    with tempfile.TemporaryDirectory(prefix=f"fuzz-{target.name}-", dir=SCRATCH) as tmp:
-        run(target, runs=args.runs, work=Path(tmp), out=Path(args.out), seed=args.seed)
+    # libFuzzer exits the process without cleaning up: `all` passes a folder it removes
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix=f"fuzz-{target.name}-",
+                                                                   dir=SCRATCH))
+    run(target, runs=args.runs, work=work, out=Path(args.out), seed=args.seed)
     return 0  # not reached: libFuzzer exits the process
 
 
@@ -108,7 +110,9 @@ def _child(engine: str, name: str, args: argparse.Namespace) -> dict[str, object
     if engine == "mutate":
         cmd += ["--report", str(report)]
     start = time.monotonic()
-    with open(log, "w") as f:
+    with open(log, "w") as f, tempfile.TemporaryDirectory(prefix="fuzz-", dir=SCRATCH) as work:
+        if engine == "atheris":
+            cmd += ["--work", work]
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     wall = time.monotonic() - start
     text = log.read_text(errors="replace")
@@ -183,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--runs", type=int, default=10_000)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", default=os.environ.get("MEDGEMMA_FUZZ_OUT", str(DEFAULT_OUT)))
+        if name == "atheris":
+            p.add_argument("--work", help="scratch folder for the inputs (default: a new one)")
         if name == "mutate":
             p.add_argument("--report")
             p.add_argument("--max-seconds", type=float)

@@ -1,7 +1,7 @@
 """Decompression and allocation bombs are refused before anything large is allocated.
 
 Each bomb is a small file whose header claims a huge image. It is loaded in a child process,
-which reports its peak resident memory (``ru_maxrss``): the refusal must come as an
+which reports its peak resident memory (``VmHWM``): the refusal must come as an
 ``InvalidInputError`` naming the limit, with the child's peak under 500 MB. (Decoding any of
 these would need gigabytes: 10^10 pixels, 65535 x 65535 x 10000 frames.)
 """
@@ -35,7 +35,10 @@ try:
     out = {"error": None, "message": ""}
 except medgemma_data.MedgemmaDataError as exc:
     out = {"error": type(exc).__name__, "message": str(exc)}
-out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process image's peak (ru_maxrss would carry the forking parent's over exec)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+out["peak_mb"] = (int(hwm[0].split()[1]) if hwm else
+                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 print(json.dumps(out))
 """
 

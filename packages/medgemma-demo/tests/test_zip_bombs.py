@@ -1,7 +1,7 @@
 """Zip bombs are refused before anything large is written or allocated.
 
 Each zip is unpacked in a child process that reports its peak resident memory
-(``ru_maxrss``) and what it wrote: the refusal must be an :class:`UploadError`, nothing past
+(``VmHWM``) and what it wrote: the refusal must be an :class:`UploadError`, nothing past
 the limit reaches the disk, and the child's peak stays under 500 MB.
 """
 
@@ -31,7 +31,10 @@ try:
 except UploadError as exc:
     out = {"error": "UploadError", "message": str(exc)}
 out["written"] = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
-out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process image's peak (ru_maxrss would carry the forking parent's over exec)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+out["peak_mb"] = (int(hwm[0].split()[1]) if hwm else
+                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 print(json.dumps(out))
 """
 
