@@ -204,3 +204,34 @@ def test_rows_split_among_processes_and_micro_batches():
         p0, p1 = next(parts[0]), next(parts[1])
         # micro-batch a holds rows a*4 .. a*4+3; process p its half of each
         assert p0 == rows[0:2] + rows[4:6] and p1 == rows[2:4] + rows[6:8]
+
+
+def test_stage_settings_section_round_trips_and_names_bad_keys(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from medgemma_train.engine.config import config_from_dict, to_dict
+
+    @dataclasses.dataclass(frozen=True)
+    class Mine:
+        resolution: int = 448
+        temperature_lr: float = 1.0
+
+    f = tmp_path / "run.yaml"
+    f.write_text("stage: mine\nmine:\n  resolution: 896\n")
+    cfg = load_config(f, overrides=["mine.temperature_lr=0.5"], settings=Mine)
+    assert cfg.options == Mine(resolution=896, temperature_lr=0.5)
+    written = to_dict(cfg)
+    assert written["mine"] == {"resolution": 896, "temperature_lr": 0.5}
+    assert "options" not in written
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(written)), Mine)
+    assert again == cfg
+    with pytest.raises(ConfigError, match=r"unknown config key 'mine.resoluton'; did you mean "
+                                          r"mine.resolution\?"):
+        load_config(f, overrides=["mine.resoluton=1"], settings=Mine)
+    # without the stage's settings class the section is an unknown key
+    with pytest.raises(ConfigError, match="unknown config key 'mine'"):
+        load_config(f)
+    with pytest.raises(TypeError, match="settings must be a dataclass"):
+        stages.StageSpec(name="x", description="x", prepare=print, loss=print, settings=dict)

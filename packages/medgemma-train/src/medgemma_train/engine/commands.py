@@ -135,7 +135,7 @@ def resolve_config(args: argparse.Namespace, stage_name: str) -> Any:
     base = _nested({"stage": stage_name, **dict(stage.defaults)})
     try:
         cfg = load_config(args.config, overrides=args.overrides, base=base,
-                          flags=_nested(flags))
+                          flags=_nested(flags), settings=stage.settings)
     except _user_errors() as exc:
         raise _err(exc) from None
     return cfg, stage
@@ -212,7 +212,7 @@ def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *,
     from flax import nnx
 
     from .checkpoint import Checkpoints
-    from .config import RunConfig, from_dict
+    from .config import config_from_dict
     from .sft import export_model
     from .stages import get_stage
 
@@ -220,7 +220,12 @@ def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *,
     if not (run / "config.yaml").is_file() or not (run / "checkpoints").is_dir():
         raise UsageError(f"{checkpoint} is not a medgemma-train run (no config.yaml and "
                          f"checkpoints/); pass RUN, RUN/checkpoints or RUN/checkpoints/STEP")
-    cfg = from_dict(RunConfig, yaml.safe_load((run / "config.yaml").read_text()))
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    try:
+        settings = get_stage(str(data.get("stage", "sft"))).settings
+    except ValueError as exc:
+        raise _err(exc) from None
+    cfg = config_from_dict(data, settings)
     ckpt = Checkpoints(run / "checkpoints", read_only=True, best_metric=cfg.run.best_metric,
                        best_mode=cfg.run.best_mode)
     if chosen is None:

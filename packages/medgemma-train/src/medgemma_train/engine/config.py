@@ -24,7 +24,7 @@ from typing import Any
 
 __all__ = ["ConfigError", "DataConfig", "LoRASettings", "ModelConfig", "OptimizerConfig",
            "RunConfig", "RunSettings", "SourceConfig", "TrainableConfig", "apply_overrides",
-           "from_dict", "load_config", "to_dict"]
+           "config_from_dict", "from_dict", "load_config", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -157,6 +157,10 @@ class RunConfig:
     lora: LoRASettings = LoRASettings()
     trainable: TrainableConfig = TrainableConfig()
     run: RunSettings = RunSettings()
+    #: the stage's own settings (an instance of its ``StageSpec.settings`` dataclass), read
+    #: from the section named after the stage (``siglip: {resolution: 448}``,
+    #: ``--set siglip.resolution=448``); None for a stage without settings.
+    options: Any = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -219,7 +223,11 @@ def _keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _nearest(key: str, cls: type, where: str) -> str:
-    valid = [k.replace("[].", ".") for k in _keys(RunConfig)]
+    top = where.split(".", 1)[0]
+    if where and top not in {f.name for f in dataclasses.fields(RunConfig)}:
+        valid = [where + k.replace("[].", ".") for k in _keys(cls)]  # a stage's own section
+    else:
+        valid = [k.replace("[].", ".") for k in _keys(RunConfig)]
     full = f"{where}{key}"
     near = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
     if not near:
@@ -299,7 +307,14 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
 
 
 def to_dict(cfg: Any) -> Any:
-    """Plain dicts/lists of a config (what ``config.yaml`` of a run holds)."""
+    """Plain dicts/lists of a config (what ``config.yaml`` of a run holds). A
+    :class:`RunConfig`'s stage settings go under the stage's name, as they are written."""
+    if isinstance(cfg, RunConfig):
+        out = {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+               if f.name != "options"}
+        if cfg.options is not None:
+            out[cfg.stage] = to_dict(cfg.options)
+        return out
     if dataclasses.is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, tuple | list):
@@ -369,10 +384,15 @@ def _index(node: list, part: str, key: str) -> Any:
 
 def load_config(path: str | Path | None = None, *, overrides: Iterable[str] = (),
                 base: Mapping[str, Any] | None = None,
-                flags: Mapping[str, Any] | None = None) -> RunConfig:
+                flags: Mapping[str, Any] | None = None,
+                settings: type | None = None) -> RunConfig:
     """``base`` (nested dicts: a stage's defaults), then the YAML file at ``path``
     (optional), then ``flags`` (nested dicts from command-line flags), then the dotted
-    ``overrides`` (``--set``), as a validated :class:`RunConfig`."""
+    ``overrides`` (``--set``), as a validated :class:`RunConfig`.
+
+    ``settings``: the stage's settings dataclass (``StageSpec.settings``); its values come
+    from the section named after the stage and land in ``RunConfig.options``. Without it,
+    such a section is an unknown key."""
     import yaml
 
     data: dict[str, Any] = dict(base or {})
@@ -392,6 +412,22 @@ def load_config(path: str | Path | None = None, *, overrides: Iterable[str] = ()
     data = _sources_from_strings(_merge(data, flags or {}))
     data = apply_overrides(data, overrides)
     data = _sources_from_strings(data)
+    return config_from_dict(data, settings)
+
+
+def config_from_dict(data: Mapping[str, Any], settings: type | None = None) -> RunConfig:
+    """A :class:`RunConfig` from nested dicts (``config.yaml`` of a run): the section named
+    after the stage becomes ``options``, an instance of ``settings``."""
+    data = dict(data)
+    stage = str(data.get("stage") or RunConfig.stage)
+    if "options" in data:
+        raise ConfigError(f"unknown config key 'options'; a stage's settings go in the "
+                          f"section named after it ({stage}:)")
+    if settings is not None:
+        if not (isinstance(settings, type) and dataclasses.is_dataclass(settings)):
+            raise TypeError(f"stage {stage}: settings must be a dataclass, got {settings!r}")
+        section = data.pop(stage, None) or {}
+        data["options"] = from_dict(settings, section, f"{stage}.")
     return from_dict(RunConfig, data)
 
 

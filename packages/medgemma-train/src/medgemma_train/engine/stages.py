@@ -59,7 +59,9 @@ class StageSpec:
     inside the jitted step); ``defaults``: dotted config overrides the stage applies before the
     user's (e.g. ``{"optimizer.lr": 2e-4}``); ``evaluate(model, cfg) -> dict`` extra validation
     metrics (optional); ``finish(model, prepared, cfg, run_dir) -> dict`` after training
-    (exports; optional)."""
+    (exports; optional); ``settings``: a frozen dataclass of the stage's own settings, read
+    from the config section named after the stage (``mystage: {alpha: 0.5}`` or
+    ``--set mystage.alpha=0.5``; unknown keys are errors) into ``cfg.options``."""
 
     name: str
     description: str
@@ -68,6 +70,7 @@ class StageSpec:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     evaluate: Callable[[Any, Any], dict] | None = None
     finish: Callable[..., dict] | None = None
+    settings: type | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -75,6 +78,9 @@ class StageSpec:
         for attr in ("prepare", "loss"):
             if not callable(getattr(self, attr)):
                 raise TypeError(f"StageSpec({self.name}).{attr} must be callable")
+        if self.settings is not None and not (isinstance(self.settings, type)
+                                              and dataclasses.is_dataclass(self.settings)):
+            raise TypeError(f"StageSpec({self.name}).settings must be a dataclass class")
 
 
 @dataclasses.dataclass(frozen=True)
