@@ -35,7 +35,9 @@ PROJECT = "medgemma_train"
 ENTRY_POINT_GROUP = "medgemma.train_stages"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
-BUILTIN = ("builtin", "medgemma_train.engine.sft")
+#: the built-in plugin's name and its modules (each registers its stages through the hook)
+BUILTIN = ("builtin", ("medgemma_train.engine.sft", "medgemma_train.engine.distill",
+                       "medgemma_train.engine.rl"))
 
 
 @dataclasses.dataclass
@@ -61,7 +63,10 @@ class StageSpec:
     metrics (optional); ``finish(model, prepared, cfg, run_dir) -> dict`` after training
     (exports; optional); ``settings``: a frozen dataclass of the stage's own settings, read
     from the config section named after the stage (``mystage: {alpha: 0.5}`` or
-    ``--set mystage.alpha=0.5``; unknown keys are errors) into ``cfg.options``."""
+    ``--set mystage.alpha=0.5``; unknown keys are errors) into ``cfg.options``; ``run``: a
+    stage that brings its own loop (GRPO: rollouts between updates) sets
+    ``run(cfg, stage, dry_run=..., say=...) -> summary``, and the trainer hands the whole run
+    to it (``loss`` then documents the stage's objective on one batch)."""
 
     name: str
     description: str
@@ -71,6 +76,7 @@ class StageSpec:
     evaluate: Callable[[Any, Any], dict] | None = None
     finish: Callable[..., dict] | None = None
     settings: type | None = None
+    run: Callable[..., dict] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -125,7 +131,7 @@ def _plugins() -> list[tuple[str, str, str, Callable[[], Any]]]:
     from medgemma_train import __version__
 
     out = [(BUILTIN[0], "medgemma-train", __version__,
-            lambda: importlib.import_module(BUILTIN[1]))]
+            lambda m=module: importlib.import_module(m)) for module in BUILTIN[1]]
     for ep in md.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist is not None else "?"
         version = ep.dist.version if ep.dist is not None else "?"

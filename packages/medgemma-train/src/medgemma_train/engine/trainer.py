@@ -97,6 +97,8 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
           say: Any = None) -> dict[str, Any]:
     """Run (or with ``dry_run`` only plan) ``stage`` under ``cfg``; returns the summary."""
     say = say or (lambda text: None)
+    if stage.run is not None:  # a stage with its own loop (StageSpec.run), e.g. rl
+        return stage.run(cfg, stage, dry_run=dry_run, say=say)
     process, processes = initialize()
     out = Path(cfg.run.out)
     # ---- data, checked before anything heavy
