@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .sampling import Sampling, select
+from .sampling import Sampling, control_repetition, select
 from .transformer import Gemma3, KVCache
 
 # Powers of two up to 512, then steps of 1.5x and 2x (multiples of the attention's query
@@ -80,6 +80,10 @@ class _LoopState:
     done: jax.Array  # [B] bool
     out: jax.Array  # [B, N] produced tokens (pad after stop)
     step: jax.Array  # () number of tokens produced so far
+    # repetition control (Sampling.controls_repetition), else [B, 0] and [B]: the prompt
+    # (left-padded to T) then the produced tokens, [B, T + N]; where each row's history starts
+    hist: jax.Array
+    first: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +132,21 @@ class Engine:
         cache = KVCache.create(self.config, b, cache_len, start, self.cache_dtype)
         logits, cache = model(tokens, embeddings=embeddings, cache=cache, image_id=image_id,
                               logits_at="last")
+        t = tokens.shape[1]
+        if skey[3] != 1.0 or skey[4] > 0:  # repetition control: the prompt's history
+            hist = jnp.concatenate([tokens, jnp.full((b, max_new), self.pad_id, jnp.int32)], 1)
+            first = start.astype(jnp.int32) if skey[5] else jnp.full((b,), t, jnp.int32)
+            logits = control_repetition(logits, hist, first, jnp.int32(t), penalty=skey[3],
+                                        ngram=skey[4])
+        else:
+            hist, first = jnp.zeros((b, 0), jnp.int32), jnp.zeros((b,), jnp.int32)
         tok = select(logits, jax.random.fold_in(key, 0), temperature, top_p,
                      greedy=skey[0], top_k=skey[1], use_top_p=skey[2])
         done = _is_stop(tok, stops)
         out = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(tok)
-        return _LoopState(cache, tok, done, out, jnp.ones((), jnp.int32))
+        if hist.shape[1]:
+            hist = hist.at[:, t].set(tok)
+        return _LoopState(cache, tok, done, out, jnp.ones((), jnp.int32), hist, first)
 
     @functools.partial(jax.jit, static_argnames=("self", "skey", "stops"), donate_argnums=(2,))
     def _decode(self, state, loop: _LoopState, limit, key, temperature, top_p, *, skey, stops):
@@ -143,11 +157,19 @@ class Engine:
 
         def body(s: _LoopState):
             logits, cache = model(s.token[:, None], cache=s.cache, logits_at="last")
+            hist = s.hist
+            if hist.shape[1]:  # repetition control over the prompt (or not) and the answer
+                end = hist.shape[1] - s.out.shape[1] + s.step
+                logits = control_repetition(logits, hist, s.first, end, penalty=skey[3],
+                                            ngram=skey[4])
             tok = select(logits, jax.random.fold_in(key, s.step), temperature, top_p,
                          greedy=skey[0], top_k=skey[1], use_top_p=skey[2])
             tok = jnp.where(s.done, self.pad_id, tok)
             out = jax.lax.dynamic_update_slice(s.out, tok[:, None], (0, s.step))
-            return _LoopState(cache, tok, s.done | _is_stop(tok, stops), out, s.step + 1)
+            if hist.shape[1]:
+                hist = jax.lax.dynamic_update_slice(hist, tok[:, None], (0, end))
+            return _LoopState(cache, tok, s.done | _is_stop(tok, stops), out, s.step + 1, hist,
+                              s.first)
 
         return jax.lax.while_loop(cond, body, loop)
 
