@@ -42,6 +42,8 @@ COMMANDS: dict[str, str] = {
     "tasks": "medgemma_train.evals.cli:TASKS",
     "stages": "medgemma_train.engine.commands:STAGES",
     "sft": "medgemma_train.engine.commands:SFT",
+    "siglip": "medgemma_train.engine.commands:SIGLIP",
+    "pretrain": "medgemma_train.engine.commands:PRETRAIN",
     "export": "medgemma_train.engine.commands:EXPORT",
 }
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..cli import Command, UsageError
 
-__all__ = ["EXPORT", "SFT", "STAGES", "export_checkpoint", "run_stage"]
+__all__ = ["EXPORT", "PRETRAIN", "SFT", "SIGLIP", "STAGES", "export_checkpoint", "run_stage"]
 
 
 def _err(exc: BaseException) -> UsageError:
@@ -194,6 +194,23 @@ SFT = Command("sft", "supervised fine-tuning (full or LoRA) on chat, manifest or
                           "model.\n\n" + (__doc__ or "").split("\n\n", 1)[-1])
 
 
+SIGLIP = Command("siglip", "MedSigLIP contrastive tuning on image-caption mixtures (stage 1)",
+                 _train_args, lambda args: run_stage(args, "siglip"),
+                 description="Contrastive tuning of a two-tower SigLIP (MedSigLIP) on caption "
+                             "manifests (path, caption), the sigmoid loss chunked over the "
+                             "devices.\n\nSettings: --set siglip.resolution=448, "
+                             "siglip.labels=[...], siglip.export_resolution=896; mixtures: "
+                             "data.train with weights (general 98 : medical 2).")
+PRETRAIN = Command("pretrain", "multimodal pretraining of a Gemma 3 image-text model (stage 2)",
+                   _train_args, lambda args: run_stage(args, "pretrain"),
+                   description="Next-token pretraining on image-caption and text mixtures, the "
+                               "vision tower trainable, frozen or LoRA (--set pretrain.vision="
+                               "frozen), its own learning rate (pretrain.vision_lr), checkpoint "
+                               "selection by CXR classification and VQA (pretrain.cxr_data, "
+                               "pretrain.vqa_data); the chosen checkpoint is in "
+                               "RUN/selection.json.")
+
+
 # ---- export -----------------------------------------------------------------------------------
 def _find_step(path: Path, which: str) -> tuple[Path, int | None]:
     """(run folder, step) of a run folder, its checkpoints/ or one step folder."""
@@ -241,7 +258,17 @@ def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *,
     nnx.update(model, params)
     model.eval()
     try:
-        written = export_model(model, cfg.model.checkpoint, to, Path(out), overwrite=overwrite)
+        if cfg.stage == "siglip":  # a two-tower SigLIP: a MedSigLIP Hugging Face folder
+            from .siglip import export_siglip
+
+            if to != "hf":
+                raise ValueError("a siglip run exports with --to hf (a MedSigLIP folder)")
+            written = export_siglip(model, Path(out), source=cfg.model.checkpoint,
+                                    resolution=getattr(cfg.options, "export_resolution", 0),
+                                    overwrite=overwrite)
+        else:
+            written = export_model(model, cfg.model.checkpoint, to, Path(out),
+                                   overwrite=overwrite)
     except (ValueError, FileExistsError) as exc:
         raise _err(exc) from None
     return {"run": str(run), "step": chosen, "to": to, "out": written}

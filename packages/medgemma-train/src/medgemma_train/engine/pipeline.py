@@ -131,9 +131,11 @@ def _local_rows(rows: Sequence[Any], accum: int, batch: int, process: int, proce
 
 
 class Pipeline:
-    """The training batches of a mixture of sources (infinite; see the module docstring)."""
+    """The training batches of a mixture of sources (infinite; see the module docstring).
+    ``encoder(rows, accum) -> dict of arrays``: an :class:`Encoder` or a stage's own
+    (:class:`~medgemma_train.engine.stages.DataSpec`)."""
 
-    def __init__(self, sources: Sequence[Source], encoder: Encoder, *, batch_size: int,
+    def __init__(self, sources: Sequence[Source], encoder: Any, *, batch_size: int,
                  accum: int = 1, seed: int = 0, process: int = 0, processes: int = 1):
         import grain
 
@@ -177,13 +179,18 @@ class Pipeline:
 
 
 class EvalPipeline:
-    """Every row of the eval sources once, in order, ``batch_size`` rows per batch."""
+    """Every row of the eval sources once, in order, ``batch_size`` rows per batch.
 
-    def __init__(self, sources: Sequence[Source], encoder: Encoder, *, batch_size: int,
-                 process: int = 0, processes: int = 1):
+    ``pad``: the last batch is filled with copies whose labels carry no loss; ``pad=False``
+    (a stage's own encoder, whose batches have no labels to mask) leaves the rows past the
+    last whole batch out instead."""
+
+    def __init__(self, sources: Sequence[Source], encoder: Any, *, batch_size: int,
+                 process: int = 0, processes: int = 1, pad: bool = True):
         self.rows = [ex for s in sources for ex in s.examples]
         self.encoder, self.batch_size = encoder, int(batch_size)
         self.process, self.processes = process, processes
+        self.pad = pad
 
     def __iter__(self) -> Iterator[Any]:
         from medgemma_core.processor import IGNORE_INDEX
@@ -192,6 +199,8 @@ class EvalPipeline:
         for start in range(0, len(self.rows), b):
             rows = self.rows[start:start + b]
             real = len(rows)
+            if real < b and not self.pad:
+                break
             rows = rows + [rows[0]] * (b - real)
             local = _local_rows(rows, 1, b, self.process, self.processes)
             batch = self.encoder(local, 1)

@@ -28,7 +28,7 @@ from typing import Any
 
 import pluggy
 
-__all__ = ["ENTRY_POINT_GROUP", "Prepared", "StageInfo", "StageSpec", "get_stage", "hookimpl",
+__all__ = ["ENTRY_POINT_GROUP", "DataSpec", "Prepared", "StageInfo", "StageSpec", "get_stage", "hookimpl",
            "hookspec", "list_stages", "stage_problems"]
 
 PROJECT = "medgemma_train"
@@ -37,7 +37,8 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 #: the built-in plugin's name and its modules (each registers its stages through the hook)
 BUILTIN = ("builtin", ("medgemma_train.engine.sft", "medgemma_train.engine.distill",
-                       "medgemma_train.engine.rl"))
+                       "medgemma_train.engine.rl", "medgemma_train.engine.siglip",
+                       "medgemma_train.engine.pretrain"))
 
 
 @dataclasses.dataclass
@@ -54,6 +55,26 @@ class Prepared:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """How a stage reads its rows and makes its batches, when not as ``sft`` does.
+
+    ``read(source_config, index) -> data.Source``: one configured source, every row checked
+    (None: :func:`~medgemma_train.engine.data.read_source`, chat / manifest / QA rows).
+    ``encoder(cfg, prepared, sources) -> encode``: ``encode(rows, accum)`` turns this process's
+    rows of a step into a dict of arrays ``[accum, rows / accum, ...]`` named by ``keys``
+    (None: ``Processor.collate`` rows as :class:`~medgemma_core.training.TrainBatch` fields).
+    The stage's ``loss`` then gets that dict as its batch (not a ``TrainBatch``); the step
+    counts ``tokens_key``'s non-zero entries as input tokens (None: one per row, so the
+    logged ``tokens_per_s`` is rows per second). An eval batch of such a stage is never
+    padded: eval rows past the last whole batch are left out of ``eval_loss``."""
+
+    read: Callable[[Any, int], Any] | None = None
+    encoder: Callable[[Any, Any, Any], Callable[..., dict]] | None = None
+    keys: tuple[str, ...] = ()
+    tokens_key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class StageSpec:
     """One training stage.
 
@@ -66,7 +87,11 @@ class StageSpec:
     ``--set mystage.alpha=0.5``; unknown keys are errors) into ``cfg.options``; ``run``: a
     stage that brings its own loop (GRPO: rollouts between updates) sets
     ``run(cfg, stage, dry_run=..., say=...) -> summary``, and the trainer hands the whole run
-    to it (``loss`` then documents the stage's objective on one batch)."""
+    to it (``loss`` then documents the stage's objective on one batch); ``data``: a
+    :class:`DataSpec` for a stage whose rows or batches differ from sft's (``siglip``:
+    image / caption pairs); ``optimizer(cfg, total_steps) -> (optax transformation,
+    schedule)`` replaces :func:`~medgemma_train.engine.step.make_optimizer` (``pretrain``:
+    its own learning rate for the vision tower)."""
 
     name: str
     description: str
@@ -77,6 +102,8 @@ class StageSpec:
     finish: Callable[..., dict] | None = None
     settings: type | None = None
     run: Callable[..., dict] | None = None
+    data: DataSpec | None = None
+    optimizer: Callable[[Any, int], tuple[Any, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -87,6 +114,8 @@ class StageSpec:
         if self.settings is not None and not (isinstance(self.settings, type)
                                               and dataclasses.is_dataclass(self.settings)):
             raise TypeError(f"StageSpec({self.name}).settings must be a dataclass class")
+        if self.data is not None and self.data.encoder is not None and not self.data.keys:
+            raise TypeError(f"StageSpec({self.name}).data: a custom encoder needs its keys")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,15 +93,23 @@ class StepFns:
 def build_steps(train_def: Any, eval_def: Any, loss: Callable[[Any, Any], tuple[Any, Any]],
                 tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                 accum: int, shardings: tuple[Any, Any, Any] | None = None,
-                batch_shardings: Any = None) -> StepFns:
+                batch_shardings: Any = None, as_batch: Callable[[dict], Any] | None = None,
+                tokens_key: str | None = "attention_mask") -> StepFns:
     """Jitted steps. ``train_def``/``eval_def``: the model's graphdefs in train/eval mode (with
-    the split ``(params, rest)``); ``loss(model, TrainBatch) -> (loss_sum, n_tokens)``.
-    ``shardings``: ``(state, rest, metrics)`` shardings (None: let jit place)."""
-    from medgemma_core.training import TrainBatch
+    the split ``(params, rest)``); ``loss(model, batch) -> (loss_sum, n)``, ``batch`` a
+    ``TrainBatch`` of the micro-batch's arrays (``as_batch``: another wrapper of the dict;
+    ``lambda mb: mb`` passes it as it is). ``tokens_key``: the array whose non-zero entries
+    are the input tokens counted (None: the rows). ``shardings``: ``(state, rest, metrics)``
+    shardings (None: let jit place)."""
+    if as_batch is None:
+        from medgemma_core.training import TrainBatch
+
+        def as_batch(mb: dict) -> Any:
+            return TrainBatch(**mb)
 
     def micro_loss(params, rest, mb):
         model = nnx.merge(train_def, params, rest, copy=True)
-        loss_sum, n = loss(model, TrainBatch(**mb))
+        loss_sum, n = loss(model, as_batch(mb))
         return loss_sum, n
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -115,7 +123,8 @@ def build_steps(train_def: Any, eval_def: Any, loss: Callable[[Any, Any], tuple[
             r = _set_counts(rest, step * accum + a)
             (loss_sum, n), g = grad_fn(params, r, mb)
             g_acc = jax.tree.map(lambda x, y: x + y.astype(x.dtype), g_acc, g)
-            seen = jnp.sum(mb["attention_mask"] != 0).astype(jnp.int32)
+            seen = (jnp.sum(mb[tokens_key] != 0).astype(jnp.int32) if tokens_key else
+                    jnp.asarray(jax.tree.leaves(mb)[0].shape[0], jnp.int32))
             return (g_acc, l_acc + loss_sum, n_acc + n, i_acc + seen), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -133,7 +142,7 @@ def build_steps(train_def: Any, eval_def: Any, loss: Callable[[Any, Any], tuple[
 
     def eval_step(params, rest, mb):
         model = nnx.merge(eval_def, params, rest, copy=True)
-        loss_sum, n = loss(model, TrainBatch(**mb))
+        loss_sum, n = loss(model, as_batch(mb))
         return {"loss_sum": loss_sum, "tokens": n}
 
     if shardings is None:

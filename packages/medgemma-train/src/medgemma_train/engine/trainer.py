@@ -104,8 +104,10 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     # ---- data, checked before anything heavy
     if not cfg.data.train:
         raise DataError("no training data; pass --data FILE or set data.train")
-    train_sources = [read_source(s, i) for i, s in enumerate(cfg.data.train)]
-    eval_sources = [read_source(s, i) for i, s in enumerate(cfg.data.eval)]
+    custom = stage.data if stage.data is not None else None  # a stage's own rows / batches
+    read = custom.read if custom is not None and custom.read is not None else read_source
+    train_sources = [read(s, i) for i, s in enumerate(cfg.data.train)]
+    eval_sources = [read(s, i) for i, s in enumerate(cfg.data.eval)]
     bad = check_bad_rows(train_sources + eval_sources, skip_bad=cfg.data.skip_bad)
     if bad:
         say(f"skipping {len(bad)} bad data row(s), first {bad[0]} (all in "
@@ -128,16 +130,25 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         raise TrainError(str(exc)) from None
     model = prepared.model
-    slots = _image_slots(cfg, train_sources + eval_sources, prepared.image_text)
-    encoder = Encoder(prepared.processor, seq_len=cfg.data.seq_len, slots=slots,
-                      image_text=prepared.image_text, mask_prompt=cfg.data.mask_prompt,
-                      system=cfg.data.system, skip_bad=cfg.data.skip_bad)
+    own_batches = custom is not None and custom.encoder is not None
+    if own_batches:
+        slots = 0
+        encoder = custom.encoder(cfg, prepared, train_sources + eval_sources)
+        keys = list(custom.keys)
+    else:
+        slots = _image_slots(cfg, train_sources + eval_sources, prepared.image_text)
+        encoder = Encoder(prepared.processor, seq_len=cfg.data.seq_len, slots=slots,
+                          image_text=prepared.image_text, mask_prompt=cfg.data.mask_prompt,
+                          system=cfg.data.system, skip_bad=cfg.data.skip_bad)
+        keys = ["tokens", "labels", "attention_mask"] + (["pixels", "image_mask"] if slots
+                                                         else [])
     accum, batch_size = cfg.optimizer.grad_accum, cfg.data.batch_size
     pipeline = Pipeline(train_sources, encoder, batch_size=batch_size, accum=accum,
                         seed=cfg.data.seed, process=process, processes=processes)
     per_epoch = pipeline.steps_per_epoch()
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * per_epoch))
-    tx, schedule = make_optimizer(cfg.optimizer, total)
+    tx, schedule = (stage.optimizer(cfg, total) if stage.optimizer is not None
+                    else make_optimizer(cfg.optimizer, total))
     mesh = build_mesh(cfg.run.mesh)
     model.train()
     train_def, params, rest = nnx.split(model, prepared.trainable, ...)
@@ -177,13 +188,14 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_sh = {"params": params_sh, "opt": opt_sh, "step": replicated}
-    keys = ["tokens", "labels", "attention_mask"] + (["pixels", "image_mask"] if slots else [])
     batch_sh = {k: batch_sharding(mesh, batch_size, 0) for k in keys}
     def loss(m: Any, b: Any) -> Any:
         return stage.loss(m, b, cfg)
 
     fns = build_steps(train_def, eval_def, loss, tx, schedule, accum=accum,
-                      shardings=(state_sh, rest_sh, None), batch_shardings=batch_sh)
+                      shardings=(state_sh, rest_sh, None), batch_shardings=batch_sh,
+                      **({"as_batch": lambda mb: mb, "tokens_key": custom.tokens_key}
+                         if own_batches else {}))
     ckpt = Checkpoints(ckpt_dir, keep_last=cfg.run.keep_last, keep_best=cfg.run.keep_best,
                        best_metric=cfg.run.best_metric, best_mode=cfg.run.best_mode)
     start = 0
@@ -221,10 +233,14 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
                 "metrics": metrics or {}, "config": to_dict(cfg)}
 
     def evaluate(p: Any) -> dict:
+        values: dict = {}
+        if stage.evaluate is not None:  # a stage's own validation may need no data.eval
+            nnx.update(model, p)
+            values.update(stage.evaluate(model, cfg))
         if not eval_sources:
-            return {}
+            return values
         ev = EvalPipeline(eval_sources, encoder, batch_size=batch_size, process=process,
-                          processes=processes)
+                          processes=processes, pad=not own_batches)
         total_loss, total_n = 0.0, 0
         sh = {k: batch_sharding(mesh, batch_size, 0) for k in keys}
         for b in ev:
@@ -232,11 +248,7 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
             r = fns.evaluate(p, rest, {k: v[0] for k, v in b.items()})
             total_loss += float(r["loss_sum"])
             total_n += int(r["tokens"])
-        values = {"eval_loss": total_loss / max(1, total_n), "eval_tokens": total_n}
-        if stage.evaluate is not None:
-            nnx.update(model, p)
-            values.update(stage.evaluate(model, cfg))
-        return values
+        return {"eval_loss": total_loss / max(1, total_n), "eval_tokens": total_n, **values}
 
     history: list[dict] = []
     last_eval: dict = {}
@@ -244,13 +256,14 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     t_last, logged = time.time(), start
     try:
         with jax.set_mesh(mesh):
-            if cfg.run.eval_on_start and start == 0 and eval_sources:
+            if cfg.run.eval_on_start and start == 0 and (eval_sources or stage.evaluate):
                 writer.write(0, evaluate(state["params"]), split="eval")
             while step < total:
                 local = next(pipeline)
-                digest = int(np.sum(local["tokens"].astype(np.int64)
-                                    * (1 + np.arange(local["tokens"].size).reshape(
-                                        local["tokens"].shape))) % (1 << 31))
+                first = local[keys[0]]  # tokens (a custom encoder: its first key)
+                digest = int(np.sum(np.asarray(first).astype(np.int64)
+                                    * (1 + np.arange(first.size).reshape(first.shape)))
+                             % (1 << 31))
                 batch = _put(local, batch_sh, processes, batch_size)
                 state, m = fns.train(state, rest, batch)
                 step += 1
@@ -301,7 +314,7 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
                "final_eval_loss": last_eval.get("eval_loss"),
                "run": str(out), "checkpoints": str(ckpt_dir), "metrics": str(out / "metrics.jsonl"),
                "best_step": best,
-               "bad_rows": len(bad) + len(encoder.bad), "plan": plan}
+               "bad_rows": len(bad) + len(getattr(encoder, "bad", ())), "plan": plan}
     if stage.finish is not None and process == 0:
         summary["exports"] = stage.finish(model, prepared, cfg, out)
     summary["model"] = model
