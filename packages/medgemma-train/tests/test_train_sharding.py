@@ -29,12 +29,9 @@ def _args(ck, data, out, *extra):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("shard")
-    from medgemma_core.checkpoints.export import load_any, save_hf
-
-    # A Hugging Face folder: every process reads its safetensors itself (an Orbax base
-    # checkpoint saved by one process does not restore in two: its topology differs).
-    orbax = tiny_text_checkpoint(root / "orbax")
-    ck = save_hf(load_any(orbax), root / "ck", source=orbax)
+    # An Orbax base checkpoint saved by this one process: the two-process run below restores
+    # it in each process (Orbax would restore the saving topology unless told otherwise).
+    ck = tiny_text_checkpoint(root / "orbax")
     data = write_jsonl(root / "train.jsonl", chat_rows(32, seed=2))
     cfg = load_config(base={
         "model": {"checkpoint": str(ck)},

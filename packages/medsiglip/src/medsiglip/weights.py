@@ -436,7 +436,12 @@ def restore(abstract: M, folder: str | Path) -> M:
 
     folder = Path(folder).absolute()
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    target = nnx.to_pure_dict(params)
+    # Every process reads the whole array onto its first local device: without a sharding
+    # Orbax would restore the saving process's topology, which fails in a run of several
+    # processes ("Topology mismatch"); the trainer shards the parameters afterwards.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
+                          nnx.to_pure_dict(params))
     try:
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(folder / _PARAMS, target)
