@@ -62,7 +62,7 @@ def texture_image(texture: str, rng: np.random.Generator, size: int = 32) -> np.
 
 def shape_pairs(folder: Path, n: int, seed: int) -> list[dict]:
     """``n`` shape images (the 16 colour x shape classes in turn) saved as PNG, with their
-    captions ("red circle") and labels (the colour)."""
+    captions ("red circle")."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -70,8 +70,7 @@ def shape_pairs(folder: Path, n: int, seed: int) -> list[dict]:
     for i in range(n):
         colour, shape = classes[i % len(classes)]
         Image.fromarray(shape_image(colour, shape, rng)).save(folder / f"{i}.png")
-        rows.append({"path": str(folder / f"{i}.png"), "caption": f"{colour} {shape}",
-                     "label": colour})
+        rows.append({"path": str(folder / f"{i}.png"), "caption": f"{colour} {shape}"})
     return rows
 
 
@@ -82,8 +81,7 @@ def texture_pairs(folder: Path, n: int, seed: int) -> list[dict]:
     for i in range(n):
         texture = TEXTURES[i % len(TEXTURES)]
         Image.fromarray(texture_image(texture, rng)).save(folder / f"{i}.png")
-        rows.append({"path": str(folder / f"{i}.png"), "caption": f"grey {texture}",
-                     "label": texture})
+        rows.append({"path": str(folder / f"{i}.png"), "caption": f"grey {texture}"})
     return rows
 
 

@@ -86,7 +86,7 @@ def at_resolution(model: Any, size: int) -> Any:
     for path, var in nnx.to_flat_state(nnx.state(new)):
         old = flat[path]
         value = old.get_value()
-        if path[-1] == "position_embedding":
+        if path[0] == "vision" and path[-1] == "position_embedding":
             value = resize_position_embedding(value, config.vision.grid_size)
         out.append((path, var.replace(value=value)))
     nnx.update(new, nnx.from_flat_state(out))
