@@ -100,7 +100,7 @@ def test_bad_upload_is_an_error_message_not_a_trace(client, tmp_path):
         client.predict("Describe.", handle_file(str(bad)), "", 16, 0.0, api_name="/chat")
     message = str(info.value)
     assert "scan.dcm" in message and "Traceback" not in message and "\n" not in message
-    assert "Read as" in message  # the fix, in the page's words
+    assert "modality argument" in message and "Read as" not in message  # the API's words
 
 
 def test_upload_over_the_limit_is_refused(client, tmp_path):
@@ -168,14 +168,54 @@ def test_page_shows_the_notice_and_api_lists_chat(client):
     assert "Research use only" in html and "Not for clinical decisions" in html
     api = client.view_api(return_format="dict", print_info=False)
     params = [p["parameter_name"] for p in api["named_endpoints"]["/chat"]["parameters"]]
-    assert params == ["message", "file", "system", "max_new_tokens", "temperature", "modality"]
+    assert params == ["message", "file", "system", "max_new_tokens", "temperature", "modality",
+                      "options", "repetition_penalty", "no_repeat_ngram_size"]
+    required = [p["parameter_name"] for p in api["named_endpoints"]["/chat"]["parameters"]
+                if not p["parameter_has_default"]]
+    assert required == ["message"]
 
 
 def test_chat_reads_the_file_as_the_given_modality(client, model, tmp_path):
     png = solid_image(tmp_path / "skin.png", (200, 120, 100))
     client.predict("What is this?", handle_file(str(png)), "", 16, 0.0, "derm", api_name="/chat")
     assert model.calls[-1][-1]["content"][1]["image"].shape == (48, 64, 3)
-    with pytest.raises(AppError, match="skin.png is not a DICOM.*'Read as' modality"):
+    with pytest.raises(AppError, match="skin.png is not a DICOM.*modality argument"):
         client.predict("What is this?", handle_file(str(png)), "", 16, 0.0, "ct",
                        api_name="/chat")
 
+
+
+def test_chat_takes_a_message_alone_as_documented(client, model):
+    """The README's call: no file, no settings (each has a default for gradio_client)."""
+    answer = client.predict("What is a pneumothorax?", api_name="/chat")
+    assert answer == "seen 1 messages and 0 images "
+    assert model.calls[-1] == [{"role": "user", "content": "What is a pneumothorax?"}]
+    from medgemma_core import Sampling
+
+    assert model.kwargs[-1] == {"max_new_tokens": 16, "sampling": Sampling()}  # the defaults
+
+
+def test_chat_takes_each_optional_argument_by_name(client, model, cxr_dcm, tmp_path):
+    from medgemma_core import Sampling
+
+    assert client.predict("Describe.", file=handle_file(str(cxr_dcm)), api_name="/chat") == \
+        "seen 1 messages and 1 images 1024x1024"
+    client.predict("Hi", system="Be brief.", api_name="/chat")
+    assert model.calls[-1][0] == {"role": "system", "content": "Be brief."}
+    client.predict("Hi", max_new_tokens=5, api_name="/chat")
+    assert model.kwargs[-1]["max_new_tokens"] == 5
+    client.predict("Hi", temperature=0.7, api_name="/chat")
+    assert model.kwargs[-1]["sampling"] == Sampling(temperature=0.7)
+    client.predict("Hi", repetition_penalty=1.3, no_repeat_ngram_size=3, api_name="/chat")
+    assert model.kwargs[-1]["sampling"] == Sampling(repetition_penalty=1.3,
+                                                    no_repeat_ngram_size=3,
+                                                    penalize_prompt=False)
+    png = solid_image(tmp_path / "skin.png", (200, 120, 100))
+    client.predict("What?", file=handle_file(str(png)), modality="derm", api_name="/chat")
+    assert model.calls[-1][-1]["content"][1]["image"].shape == (48, 64, 3)
+    client.predict("What?", file=handle_file(str(png)), modality="derm",
+                   options="pad_square=true", api_name="/chat")
+    assert model.calls[-1][-1]["content"][1]["image"].shape == (64, 64, 3)
+    with pytest.raises(AppError, match="not key=value"):
+        client.predict("What?", file=handle_file(str(png)), options="pad_square",
+                       api_name="/chat")

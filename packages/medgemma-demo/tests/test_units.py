@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import time
 import zipfile
 from pathlib import Path
 
@@ -194,17 +195,20 @@ def test_stop_ends_the_stream_and_keeps_the_partial_answer():
     model = RecordingModel(multimodal=False, delay=0.01)
     service = ChatService(Loader.ready(model))
     request = _Request()
-    _, display, _, question = service.submit("hello", [], [], request)
-    stream = service.respond(question, display, [], [], "", 64, 0.0, request)
+    _, display, _, question, sent, *_ = service.submit("hello", [], [], request)
+    stream = service.respond(question, display, [], sent, "", 64, 0.0, request=request)
     first = next(stream)
     assert first[0][-1]["content"].endswith("▌")  # streaming, cursor shown
     service.request_stop(request)
-    *_, (chat, _, history, pending, _) = list(stream)
+    *_, (chat, _, history) = list(stream)
     assert chat[-1]["content"].endswith("_(stopped)_")
     partial = history[-1]["content"]
     full = "seen 1 messages and 0 images "
     assert 0 < len(partial) < len(full) and full.startswith(partial)
-    assert history[0] == {"role": "user", "content": "hello"} and pending == []
+    assert history[0] == {"role": "user", "content": "hello"}
+    deadline = time.monotonic() + 10
+    while model.active and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert model.active == 0  # the model's generator was closed
 
 
@@ -214,9 +218,9 @@ def test_second_turn_sends_the_history():
     request = _Request()
     display, history = [], []
     for text in ("first", "second"):
-        _, display, _, q = service.submit(text, display, [], request)
-        *_, (display, _, history, _, _) = list(service.respond(q, display, history, [], "sys",
-                                                               16, 0.0, request))
+        _, display, _, q, *_ = service.submit(text, display, [], request)
+        *_, (display, _, history) = list(service.respond(q, display, history, [], "sys", 16,
+                                                         0.0, request=request))
     assert [m["role"] for m in model.calls[-1]] == ["system", "user", "assistant", "user"]
     assert model.calls[-1][1]["content"] == "first" and model.calls[-1][3]["content"] == "second"
     assert display[-1]["content"] == "seen 4 messages and 0 images "
@@ -227,10 +231,10 @@ def test_a_second_question_waits_for_the_first_answer():
 
     service = ChatService(Loader.ready(RecordingModel(multimodal=False)))
     request = _Request()
-    _, display, _, q = service.submit("one", [], [], request)
+    _, display, _, q, *_ = service.submit("one", [], [], request)
     with pytest.raises(gr.Error, match="still coming"):
         service.submit("two", display, [], request)
-    list(service.respond(q, display, [], [], "", 8, 0.0, request))
+    list(service.respond(q, display, [], [], "", 8, 0.0, request=request))
     assert service.submit("two", display, [], request)[3] == "two"
     with pytest.raises(gr.Error, match="type a question"):
         ChatService(Loader.ready(RecordingModel(multimodal=False))).submit(" ", [], [], request)
@@ -259,3 +263,95 @@ def test_a_bad_upload_empties_the_gallery_and_says_why(tmp_path):
     gallery, status, pending = service.upload([str(bad)])
     assert gallery == [] and pending == []
     assert status.startswith("**Could not read the upload:** scan.dcm")
+
+
+# ---- base-model prompts, reading options, launch hints ---------------------------------------
+def test_base_prompt_frames_the_question_and_the_history():
+    from medgemma_demo.prompting import BASE_EXAMPLES, Turn, base_prompt
+
+    history = [{"role": "user", "content": "What is a fracture?"},
+               {"role": "assistant", "content": "A broken bone."}]
+    text = base_prompt("", history, Turn("Question: Is water wet?\nA. yes\nB. no", 0))
+    blocks = text.split("\n\n")
+    assert blocks[0] == "The following are medical questions, each followed by a short, " \
+                        "correct answer written by a physician."
+    assert blocks[1:1 + len(BASE_EXAMPLES)] == [f"Question: {q}\nAnswer: {a}"
+                                                for q, a in BASE_EXAMPLES]
+    assert blocks[-2] == "Question: What is a fracture?\nAnswer: A broken bone."
+    assert blocks[-1] == "Question: Is water wet?\nA. yes\nB. no\nAnswer:"  # no double prefix
+    assert base_prompt("Be brief.", [], Turn("Hi?", 0)).startswith("Be brief.\n\n")
+
+
+def test_stop_strings_cut_and_hold_back():
+    from medgemma_demo.prompting import cut_at_stop, held_back
+
+    assert cut_at_stop(" B. ECG\n\nQuestion: next") == (" B. ECG", True)
+    assert cut_at_stop(" B. ECG\nQuestion: x") == (" B. ECG", True)
+    assert cut_at_stop(" two\nlines") == (" two\nlines", False)
+    assert held_back("answer\n") == 1 and held_back("answer\nQues") == 5
+    assert held_back("answer") == 0
+
+
+def test_reading_options_reach_the_plugin_and_messages_name_the_control(tmp_path):
+    from medgemma_demo.uploads import options_markdown, parse_options
+
+    assert parse_options("min_tissue=0.1\n windows = serving ") == {"min_tissue": "0.1",
+                                                                    "windows": "serving"}
+    with pytest.raises(UploadError, match="not key=value"):
+        parse_options("min_tissue")
+    assert "min_tissue=0.25" in options_markdown("wsi") and "windows" not in \
+        options_markdown("wsi")
+    assert "windows=notebook" in options_markdown(None)
+    png = solid_image(tmp_path / "skin.png", (200, 120, 100))
+    padded = load_uploads([png], max_bytes=MB, modality="derm",
+                          options={"pad_square": "true"})
+    assert padded.samples[0].images[0].shape == (64, 64, 3)  # 64x48 padded to a square
+    for surface, word in (("page", "'Read as' modality"), ("api", "modality argument")):
+        with pytest.raises(UploadError, match=word):
+            load_uploads([png], max_bytes=MB, modality="ct", surface=surface)
+
+
+def test_bundled_slide_with_too_few_tissue_names_the_option_and_reads_with_it():
+    from conftest import fixtures_dir
+
+    slide = fixtures_dir() / "wsi" / "small.svs"
+    try:
+        load_uploads([slide], max_bytes=64 * MB, options={"min_tissue": "0.99"})
+    except UploadError as exc:
+        assert "min_tissue (in the 'Read options')" in str(exc)
+    else:
+        pytest.fail("min_tissue=0.99 should leave no tissue on the bundled slide")
+    loaded = load_uploads([slide], max_bytes=64 * MB, options={"min_tissue": "0.01"})
+    assert loaded.num_images >= 1
+
+
+def test_mode_follows_the_checkpoint(tmp_path):
+    import json
+
+    from medgemma_demo.chat import has_chat_template
+
+    assert ChatService(Loader(lambda: None), checkpoint=None).mode == "base"  # the default
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    assert not has_chat_template(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
+    assert has_chat_template(folder)
+    assert ChatService(Loader(lambda: None), prompt_mode="base").mode == "base"
+    with pytest.raises(ValueError, match="auto, chat or base"):
+        ChatService(Loader(lambda: None), prompt_mode="instruct")
+
+
+def test_hints_name_the_way_the_demo_was_started(monkeypatch):
+    from medgemma_demo.app import launch_command
+
+    monkeypatch.setenv("NOX_CURRENT_SESSION", "demo")
+    assert launch_command() == "nox -s demo --"
+    monkeypatch.delenv("NOX_CURRENT_SESSION")
+    monkeypatch.setattr("sys.argv", ["/somewhere/venv/bin/medgemma-demo"])
+    assert launch_command() == "/somewhere/venv/bin/medgemma-demo"  # not on PATH
+    monkeypatch.setattr("sys.argv", ["/x/medgemma_demo/__main__.py"])
+    assert launch_command() == "python -m medgemma_demo"
+    service = ChatService(Loader.ready(RecordingModel(multimodal=False)), command="nox -s demo --")
+    png_note = text_only_note("m", service.command)
+    assert "`nox -s demo -- --checkpoint" in png_note

@@ -7,7 +7,8 @@
 
 The command ``medgemma-demo`` does the same and prints the local URL. The app exposes a named
 endpoint ``/chat`` (message, optional file, system prompt, max new tokens, temperature ->
-answer) for scripts, e.g. ``gradio_client.Client(url).predict("Hi", None, api_name="/chat")``.
+answer; only the message is required) for scripts, e.g.
+``gradio_client.Client(url).predict("Hi", api_name="/chat")``.
 """
 
 from .app import DemoConfig, build_app, launch_kwargs

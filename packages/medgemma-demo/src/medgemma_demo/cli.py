@@ -42,6 +42,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="start value of the max-new-tokens slider (default 128)")
     p.add_argument("--no-warmup", action="store_true",
                    help="do not compile the first generation while loading")
+    p.add_argument("--prompt-mode", choices=("auto", "chat", "base"), default="auto",
+                   help="chat: the checkpoint's chat template; base: a completion prompt "
+                        "('Question: ... Answer:') for base models; auto (default): base for "
+                        "the embedded default and checkpoints without a chat template")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="questions decoded together in one batch (default 8)")
+    p.add_argument("--batch-window-ms", type=int, default=50,
+                   help="how long a question waits for others to join its batch (default 50)")
+    p.add_argument("--queue-size", type=int, default=64,
+                   help="waiting requests beyond which new ones are refused (default 64)")
+    p.add_argument("--runs-dir", metavar="DIR",
+                   help="folder for the Train and Evaluate tabs' runs (default: a temporary "
+                        "folder)")
     return p
 
 
@@ -87,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("--max-upload-mb must be at least 1")
     if not 1 <= args.max_new_tokens <= 2048:
         return _fail("--max-new-tokens must be in 1..2048")
+    if not 1 <= args.max_batch <= 256:
+        return _fail("--max-batch must be in 1..256")
+    if not 0 <= args.batch_window_ms <= 10000:
+        return _fail("--batch-window-ms must be in 0..10000")
+    if args.queue_size < 1:
+        return _fail("--queue-size must be at least 1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Third-party loggers stay at WARNING: request logs can carry upload file names.
@@ -106,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = DemoConfig(checkpoint=args.checkpoint, medsiglip=args.medsiglip,
                         max_upload_mb=args.max_upload_mb, max_new_tokens=args.max_new_tokens,
-                        warmup=not args.no_warmup)
+                        warmup=not args.no_warmup, prompt_mode=args.prompt_mode,
+                        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                        queue_size=args.queue_size, runs_dir=args.runs_dir)
     app = build_app(config)
     try:
         app.launch(**launch_kwargs(config, server_name=args.host, server_port=args.port,

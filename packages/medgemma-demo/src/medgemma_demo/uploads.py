@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import lzma
+import re
 import shutil
 import struct
 import tempfile
@@ -116,13 +117,58 @@ def _display_name(path: Path) -> str:
     return path.name if len(path.name) <= 60 else path.name[:57] + "..."
 
 
-def _clean_message(message: str, paths: Sequence[Path]) -> str:
-    """A plugin's message for the page: bare file names, the page's words for options."""
+#: Where a message sends the user for the modality and the reading options: the page's
+#: controls, or the ``/chat`` endpoint's arguments.
+WORDS = {
+    "page": {"modality": "'Read as' modality", "options": "'Read options'"},
+    "api": {"modality": "modality argument", "options": "options argument (key=value lines)"},
+}
+
+
+def _clean_message(message: str, paths: Sequence[Path], surface: str = "page") -> str:
+    """A plugin's message for the page (or the API): bare file names, and the words of the
+    control (or argument) that sets the modality or an option."""
     for p in sorted(paths, key=lambda q: -len(str(q))):
         message = message.replace(str(p), p.name)
+    words = WORDS[surface]
     # the plugins speak of the command line; in the page the choice is the "Read as" box
-    message = message.replace("--modality", "'Read as' modality")
+    message = message.replace("--modality", words["modality"])
+    message = re.sub(r"\b(lower|raise|set) (\w+)\b(?! \()",
+                     lambda m: f"{m.group(1)} {m.group(2)} (in the {words['options']})"
+                     if m.group(2) in _option_names() else m.group(0), message)
     return message.splitlines()[0] if message else "could not read the file"
+
+
+def _option_names() -> set[str]:
+    return {o.name for p in medgemma_data.list_plugins() for o in p.options}
+
+
+def parse_options(text: str | None) -> dict[str, str]:
+    """``key=value`` per line (or comma-separated) -> a dict; :class:`UploadError` naming the
+    bad entry otherwise."""
+    out: dict[str, str] = {}
+    for raw in re.split(r"[\n,]", text or ""):
+        item = raw.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UploadError(f"reading option {item!r} is not key=value, e.g. min_tissue=0.1")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def options_markdown(modality: str | None = None) -> str:
+    """The reading options of ``modality`` (None or auto: every modality), as markdown."""
+    lines = []
+    for p in medgemma_data.list_plugins():
+        if modality not in (None, "", "auto") and p.name != modality:
+            continue
+        opts = [o for o in p.options if o.name != "max_pixels"]
+        if opts:
+            lines.append(f"- **{p.name}**: " + "; ".join(
+                f"`{o.name}={o.default}` {o.help}" for o in opts))
+    return "\n".join(lines) or "No reading options for this modality."
 
 
 def thumbnail(image: np.ndarray, side: int = GALLERY_SIDE) -> np.ndarray:
@@ -157,12 +203,16 @@ def captions(sample: Sample) -> list[str]:
 
 
 def load_uploads(paths: Sequence[str | Path], *, max_bytes: int, modality: str | None = None,
-                 max_samples: int | None = None) -> LoadedUpload:
+                 max_samples: int | None = None, options: dict[str, str] | None = None,
+                 surface: str = "page") -> LoadedUpload:
     """Run each uploaded file through the data plugins (detected modality unless given).
 
     ``max_samples``: keep at most this many samples per file (a QA file holds many questions,
-    a folder several series); the summary says how many were left out.
+    a folder several series); the summary says how many were left out. ``options``: the
+    plugins' reading options (``min_tissue``, ``windows``, ...); ``surface``: "page" or "api",
+    the words messages use for the controls.
     """
+    words = WORDS[surface]
     result = LoadedUpload()
     for raw in paths:
         path = Path(raw)
@@ -180,13 +230,14 @@ def load_uploads(paths: Sequence[str | Path], *, max_bytes: int, modality: str |
             if path.suffix.lower() == ".zip":
                 target = unpack_zip(path, workdir, max_bytes=max_bytes)
             try:
-                samples = medgemma_data.load(target, modality=modality)
+                samples = medgemma_data.load(target, modality=modality, options=options or None)
             except medgemma_data.DetectionError:
                 raise UploadError(f"{_display_name(path)}: no data plugin recognises this file; "
-                                  "choose its modality under 'Read as', or install a plugin "
-                                  "that reads it (see the Plugins tab)") from None
+                                  f"give its modality in the {words['modality']}, or install a "
+                                  "plugin that reads it (see the Plugins tab)") from None
             except medgemma_data.MedgemmaDataError as exc:
-                raise UploadError(_clean_message(str(exc), [target, path, workdir])) from None
+                raise UploadError(_clean_message(str(exc), [target, path, workdir],
+                                                 surface)) from None
             except Exception as exc:  # a reader crashed: still one line, no stack trace
                 raise UploadError(f"{_display_name(path)}: could not be read "
                                   f"({type(exc).__name__}); is it a supported file?") from None

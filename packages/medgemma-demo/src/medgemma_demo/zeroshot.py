@@ -21,11 +21,17 @@ log = logging.getLogger("medgemma_demo")
 DEFAULT_LABELS = ("a chest X-ray with a pneumothorax", "a chest X-ray with pleural effusion",
                   "a chest X-ray with cardiomegaly", "a normal chest X-ray")
 
-NO_CHECKPOINT = (
-    "No MedSigLIP checkpoint loaded. Start the demo with "
-    "`medgemma-demo --medsiglip path/to/medsiglip-448` (a Hugging Face `google/medsiglip-448` "
-    "folder with config.json, model.safetensors and spiece.model, or a folder written by "
-    "`medsiglip.save_checkpoint`) to classify images against your own labels.")
+def no_checkpoint(command: str = "medgemma-demo") -> str:
+    """What the tab says without a checkpoint: how to start the demo with one."""
+    return (
+        "**This tab is off: no MedSigLIP checkpoint loaded.** To turn it on, download "
+        "`google/medsiglip-448` from Hugging Face (a folder with config.json, model.safetensors "
+        "and spiece.model; or a folder written by `medsiglip.save_checkpoint`) and restart "
+        f"with `{command} --medsiglip path/to/medsiglip-448`; then classify images against "
+        "your own labels here.")
+
+
+NO_CHECKPOINT = no_checkpoint()
 
 
 class ZeroShotModel(Protocol):

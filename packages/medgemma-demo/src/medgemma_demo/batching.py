@@ -1,0 +1,329 @@
+"""Batched serving: requests that arrive together are decoded together.
+
+A :class:`Batcher` owns one worker thread. :meth:`Batcher.submit` queues a :class:`Request`
+and returns its :class:`Row` at once; the worker collects up to ``max_batch`` requests with
+the same sampling settings, waiting at most ``window_s`` after the first, and runs them as
+one batch on the :class:`Backend` (for medgemma-core: one compiled prefill and decode loop
+over all rows). Each row's text streams to its own :class:`Row` as it is produced; cancelling
+a row (Stop) ends that row only, and the batch ends when every row has ended. A request that
+arrives while a batch runs waits for the next one (no continuous batching: the engine's rows
+share one cache layout from the prefill on).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .prompting import BASE, cut_at_stop, held_back
+
+log = logging.getLogger("medgemma_demo")
+
+#: Row states a backend reports: still going (None), a stop token, its own token limit.
+STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One conversation to answer. ``prompt``: chat messages (chat mode) or the completion
+    text (base mode); ``sampling``: a hashable settings object (rows of a batch share it);
+    ``stops``: strings that end the answer (dropped from it)."""
+
+    prompt: Any
+    max_new_tokens: int
+    sampling: Any
+    stops: tuple[str, ...] = ()
+
+
+class Backend(Protocol):
+    """Runs a batch: yields, chunk by chunk, one ``(new text, state)`` per row, ``state`` None
+    while the row goes on, else :data:`STOP` or :data:`LENGTH` (its last piece). Closing the
+    iterator stops the work."""
+
+    max_batch: int
+
+    def run(self, requests: Sequence[Request]) -> Iterator[list[tuple[str, str | None]]]: ...
+
+
+class RowError(RuntimeError):
+    """The request failed; the message is one line for the page."""
+
+
+class Row:
+    """A request's answer as it is produced. Iterate :meth:`pieces` for the text; afterwards
+    :attr:`finish` says why it ended (``stop``, ``length`` or ``cancelled``)."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.submitted = time.monotonic()
+        self.finish: str | None = None
+        self.batch_size = 0
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._cancel = threading.Event()
+        self._text = ""      # produced, stop strings not yet ruled out
+        self._sent = 0       # characters of _text already queued
+
+    # ---- consumer side --------------------------------------------------------------------
+    def cancel(self) -> None:
+        """End this row (the other rows of its batch go on)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def pieces(self, timeout: float | None = None) -> Iterator[str]:
+        """Text pieces until the row ends; :class:`RowError` if it failed."""
+        while True:
+            kind, value = self._queue.get(timeout=timeout)
+            if kind == "text":
+                yield value
+            elif kind == "error":
+                raise RowError(value)
+            else:
+                return
+
+    def text(self, timeout: float | None = None) -> str:
+        return "".join(self.pieces(timeout))
+
+    # ---- worker side ----------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    def _feed(self, text: str, state: str | None) -> None:
+        if self.done:
+            return
+        if self.cancelled:
+            self._end(CANCELLED)
+            return
+        self._text += text
+        stops = self.request.stops
+        if stops:
+            cut, found = cut_at_stop(self._text, stops)
+            if found:
+                self._text = cut
+                self._flush(len(cut))
+                self._end(STOP)
+                return
+        if state is not None:
+            self._flush(len(self._text))
+            self._end(state)
+            return
+        self._flush(len(self._text) - (held_back(self._text, stops) if stops else 0))
+
+    def _flush(self, upto: int) -> None:
+        if upto > self._sent:
+            self._queue.put(("text", self._text[self._sent:upto]))
+            self._sent = upto
+
+    def _end(self, finish: str) -> None:
+        self.finish = finish
+        self._queue.put(("end", finish))
+
+    def _fail(self, message: str) -> None:
+        self.finish = "error"
+        self._queue.put(("error", message))
+
+
+class Batcher:
+    """Collects requests into batches for ``backend()`` (called in the worker, so it may wait
+    for a model still loading). ``max_batch``: rows per batch (the backend's own limit wins);
+    ``window_s``: how long the first request of a batch waits for others."""
+
+    def __init__(self, backend: Callable[[], Backend], *, max_batch: int = 8,
+                 window_s: float = 0.05):
+        self._backend = backend
+        self.max_batch = max(1, int(max_batch))
+        self.window_s = float(window_s)
+        self._queue: queue.Queue[Row] = queue.Queue()
+        self._held: list[Row] = []  # taken from the queue but of other settings
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.batches: list[int] = []  # sizes of the batches run (recent ones)
+        self.running = 0
+
+    def submit(self, request: Request) -> Row:
+        row = Row(request)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="batcher", daemon=True)
+                self._thread.start()
+        self._queue.put(row)
+        return row
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize() + len(self._held)
+
+    # ---- worker ---------------------------------------------------------------------------
+    def _next_batch(self) -> list[Row]:
+        first = self._held.pop(0) if self._held else self._queue.get()
+        try:
+            backend = self._backend()
+            limit = min(self.max_batch, max(1, int(getattr(backend, "max_batch", 1))))
+        except Exception:
+            limit = 1
+        batch = [first]
+        same = [r for r in self._held if r.request.sampling == first.request.sampling]
+        for r in same[:limit - 1]:
+            self._held.remove(r)
+            batch.append(r)
+        deadline = time.monotonic() + self.window_s
+        while len(batch) < limit:
+            left = deadline - time.monotonic()
+            try:
+                row = self._queue.get(timeout=max(left, 0)) if left > 0 else \
+                    self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if row.request.sampling == first.request.sampling:
+                batch.append(row)
+            else:
+                self._held.append(row)
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = []
+            for row in self._next_batch():
+                if row.cancelled:  # stopped while it waited
+                    row._end(CANCELLED)
+                else:
+                    batch.append(row)
+            if not batch:
+                continue
+            self.running = len(batch)
+            self.batches = [*self.batches[-99:], len(batch)]
+            try:
+                self._run(batch)
+            except Exception as exc:  # never kill the worker
+                log.error("batch of %d failed: %s", len(batch), type(exc).__name__)
+                for row in batch:
+                    if not row.done:
+                        row._fail(_one_line(exc))
+            finally:
+                self.running = 0
+
+    def _run(self, batch: list[Row]) -> None:
+        try:
+            backend = self._backend()
+        except Exception as exc:
+            for row in batch:
+                row._fail(_one_line(exc))
+            return
+        for row in batch:
+            row.batch_size = len(batch)
+        try:
+            self._decode(backend, batch)
+        except ValueError as exc:  # a prompt too long, an image for a text-only model, ...
+            if len(batch) == 1:
+                batch[0]._fail(_one_line(exc))
+                return
+            for row in batch:  # find whose it is: each alone
+                if not row.done:
+                    try:
+                        self._decode(backend, [row])
+                    except ValueError as one:
+                        row._fail(_one_line(one))
+
+    @staticmethod
+    def _decode(backend: Backend, batch: list[Row]) -> None:
+        chunks = backend.run([r.request for r in batch])
+        try:
+            for chunk in chunks:
+                for row, (text, state) in zip(batch, chunk):
+                    row._feed(text, state)
+                if all(r.done or r.cancelled for r in batch):
+                    break
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        for row in batch:
+            if not row.done:
+                row._feed("", CANCELLED if row.cancelled else LENGTH)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---- backends -------------------------------------------------------------------------------
+
+class CoreBackend:
+    """Batches on a ``medgemma_core.MedGemma``: chat mode through its chat template (and
+    images on image-text models), base mode from the completion text; one
+    ``engine.stream`` per batch, each row stopping at a stop token or its own token limit."""
+
+    def __init__(self, model: Any, mode: str, *, max_batch: int = 8, chunk: int = 4):
+        self.model = model
+        self.mode = mode
+        self.max_batch = max_batch
+        self.chunk = chunk
+
+    def prompts(self, requests: Sequence[Request]) -> Any:
+        from medgemma_core import Prompts
+
+        if self.mode == BASE:
+            tok = self.model.tokenizer
+            return Prompts([tok.encode(r.prompt, add_bos=True) for r in requests])
+        return self.model.chat_prompts([r.prompt for r in requests])
+
+    def run(self, requests: Sequence[Request]) -> Iterator[list[tuple[str, str | None]]]:
+        prompts = self.prompts(requests)
+        engine, tok = self.model.engine, self.model.tokenizer
+        stops = set(engine.stop_ids)
+        decoders = [tok.stream_decoder() for _ in requests]
+        counts = [0] * len(requests)
+        state: list[str | None] = [None] * len(requests)
+        limit = max(r.max_new_tokens for r in requests)
+        for piece in engine.stream(prompts.ids, max_new_tokens=limit,
+                                   sampling=requests[0].sampling, chunk=self.chunk,
+                                   embeddings=prompts.embeddings, image_id=prompts.image_id):
+            out = []
+            for r, ids in enumerate(piece):
+                text = ""
+                if state[r] is None:
+                    for t in ids:
+                        if t in stops:
+                            state[r] = STOP
+                            break
+                        text += decoders[r].feed(t)
+                        counts[r] += 1
+                        if counts[r] >= requests[r].max_new_tokens:
+                            state[r] = LENGTH
+                            break
+                    if state[r] is not None:
+                        text += decoders[r].flush()
+                out.append((text, state[r]))
+            yield out
+        yield [("" if s is not None else d.flush(), s or LENGTH) for d, s in zip(decoders, state)]
+
+
+class SerialBackend:
+    """Any :class:`~medgemma_demo.host.ChatModel` (``chat_stream``), one row at a time."""
+
+    max_batch = 1
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def run(self, requests: Sequence[Request]) -> Iterator[list[tuple[str, str | None]]]:
+        (request,) = requests
+        pieces = self.model.chat_stream(request.prompt, max_new_tokens=request.max_new_tokens,
+                                        sampling=request.sampling)
+        try:
+            for piece in pieces:
+                yield [(piece, None)]
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+        yield [("", STOP)]
