@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="start value of the max-new-tokens slider (default 128)")
     p.add_argument("--no-warmup", action="store_true",
                    help="do not compile the first generation while loading")
+    p.add_argument("--quantize", choices=("int8", "int8-g32"), default=None,
+                   help="int8 decoder weights (half the memory, faster batch-1 decoding; "
+                        "medgemma_core.load's quantize, through MEDGEMMA_QUANTIZE)")
     p.add_argument("--prompt-mode", choices=("auto", "chat", "base"), default="auto",
                    help="chat: the checkpoint's chat template; base: a completion prompt "
                         "('Question: ... Answer:') for base models; auto (default): base for "
@@ -117,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
 
+    if args.quantize:
+        os.environ["MEDGEMMA_QUANTIZE"] = args.quantize  # medgemma_core.load's default
     from medgemma_core import enable_compilation_cache
 
     from .app import DemoConfig, build_app, launch_kwargs
