@@ -14,6 +14,10 @@ first and last training losses. Ours includes its whole pipeline (reading, token
 collating); theirs gets rows we tokenized. Prints one JSON object.
 
     python benchmarks/train.py [--seq 256] [--batch 4] [--steps 8] [--modes full lora]
+
+``--modes siglip pretrain``: the stage rows of ``benchmarks/train_stages.py`` (a random
+SigLIP against transformers' SiglipModel with the sigmoid loss in torch; the tiny image-text
+model against Gemma3ForConditionalGeneration), same batches, same run.
 """
 
 from __future__ import annotations
@@ -144,24 +148,36 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    ap.add_argument("--modes", nargs="+", default=["full", "lora", "siglip", "pretrain"],
+                    choices=["full", "lora", "siglip", "pretrain"])
+    ap.add_argument("--siglip-width", type=int, default=256)
+    ap.add_argument("--siglip-layers", type=int, default=4)
+    ap.add_argument("--pretrain-seq", type=int, default=64)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "medgemma-train-bench"))
     a = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from medgemma_core import default_checkpoint
 
-    gguf = str(default_checkpoint())
+    sft_modes = [m for m in a.modes if m in ("full", "lora")]
+    gguf = str(default_checkpoint()) if sft_modes else ""
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    hf = _hf_folder(gguf, cache)
+    hf = _hf_folder(gguf, cache) if sft_modes else None
     result = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_avg_start": os.getloadavg(),
               "settings": {"seq": a.seq, "batch": a.batch, "steps": a.steps, "dtype": "float32"},
               "runs": {}}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        rows = _rows(gguf, a.seq, tmp / "rows.json")
+        rows = _rows(gguf, a.seq, tmp / "rows.json") if sft_modes else None
         for mode in a.modes:
+            if mode in ("siglip", "pretrain"):
+                sys.path.insert(0, str(Path(__file__).parent))
+                import train_stages
+
+                row = train_stages.siglip_row if mode == "siglip" else train_stages.pretrain_row
+                result["runs"][mode] = row(a, tmp, OURS)
+                continue
             mine = ours(gguf, mode, a, tmp)
             peer = theirs(hf, rows, mode, a, tmp)
             result["runs"][mode] = {"medgemma_train": mine, "transformers_trainer": peer,
