@@ -44,6 +44,10 @@ COMMANDS: dict[str, str] = {
     "sft": "medgemma_train.engine.commands:SFT",
     "siglip": "medgemma_train.engine.commands:SIGLIP",
     "pretrain": "medgemma_train.engine.commands:PRETRAIN",
+    "distill": "medgemma_train.engine.post_commands:DISTILL",
+    "teacher-logits": "medgemma_train.engine.post_commands:TEACHER_LOGITS",
+    "rl": "medgemma_train.engine.post_commands:RL",
+    "rewards": "medgemma_train.engine.post_commands:REWARDS",
     "export": "medgemma_train.engine.commands:EXPORT",
 }
 

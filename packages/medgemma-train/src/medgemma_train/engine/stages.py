@@ -62,7 +62,9 @@ class DataSpec:
     (None: :func:`~medgemma_train.engine.data.read_source`, chat / manifest / QA rows).
     ``encoder(cfg, prepared, sources) -> encode``: ``encode(rows, accum)`` turns this process's
     rows of a step into a dict of arrays ``[accum, rows / accum, ...]`` named by ``keys``
-    (None: ``Processor.collate`` rows as :class:`~medgemma_core.training.TrainBatch` fields).
+    (None: ``Processor.collate`` rows as :class:`~medgemma_core.training.TrainBatch` fields);
+    ``keys`` may be a callable ``(cfg, prepared) -> keys`` when they depend on the run
+    (``distill``: images or not, offline teacher logits or not).
     The stage's ``loss`` then gets that dict as its batch (not a ``TrainBatch``); the step
     counts ``tokens_key``'s non-zero entries as input tokens (None: one per row, so the
     logged ``tokens_per_s`` is rows per second). An eval batch of such a stage is never
@@ -70,7 +72,7 @@ class DataSpec:
 
     read: Callable[[Any, int], Any] | None = None
     encoder: Callable[[Any, Any, Any], Callable[..., dict]] | None = None
-    keys: tuple[str, ...] = ()
+    keys: tuple[str, ...] | Callable[[Any, Any], tuple[str, ...]] = ()
     tokens_key: str | None = None
 
 

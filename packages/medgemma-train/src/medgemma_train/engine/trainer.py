@@ -134,7 +134,7 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     if own_batches:
         slots = 0
         encoder = custom.encoder(cfg, prepared, train_sources + eval_sources)
-        keys = list(custom.keys)
+        keys = list(custom.keys(cfg, prepared) if callable(custom.keys) else custom.keys)
     else:
         slots = _image_slots(cfg, train_sources + eval_sources, prepared.image_text)
         encoder = Encoder(prepared.processor, seq_len=cfg.data.seq_len, slots=slots,
