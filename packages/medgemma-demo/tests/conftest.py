@@ -91,3 +91,16 @@ def solid_image(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (
 
     Image.fromarray(np.full((size[1], size[0], 3), rgb, np.uint8)).save(path)
     return path
+
+
+def save_tiny_checkpoint(folder: Path) -> Path:
+    """A tiny random Gemma 3 decoder with the real Gemma 3 tokenizer, saved as an Orbax folder
+    that ``medgemma_core.load`` (and ``medgemma-train``) read. Needs no torch."""
+    from flax import nnx
+
+    from medgemma_core import Gemma3, Gemma3Config, save_decoder
+    from medgemma_core.testing import gemma3_tokenizer
+
+    save_decoder(Gemma3(Gemma3Config.tiny(vocab_size=262144), rngs=nnx.Rngs(0)), folder)
+    gemma3_tokenizer().save(folder)
+    return folder

@@ -42,12 +42,15 @@ def chromium_path() -> str:
 @pytest.fixture(scope="module")
 def server():
     """``medgemma-demo`` in a subprocess; yields (url, seconds until the URL was printed)."""
+    yield from _serve(["--max-new-tokens", "24"])
+
+
+def _serve(args):
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "medgemma_demo", "--port", str(port),
-                             "--max-new-tokens", "24"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "medgemma_demo", "--port", str(port), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     log: list[str] = []
 
@@ -80,17 +83,24 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
+def browser_context(tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=chromium_path(),
-            headless=True, args=FLAGS, viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
-        page.set_default_timeout(60_000)
-        yield page
+            headless=True, args=FLAGS, viewport={"width": 1400, "height": 1000},
+            accept_downloads=True)
+        yield context
         context.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, browser_context):
+    page = browser_context.new_page()
+    page.set_default_timeout(60_000)
+    yield page
+    page.close()
 
 
 def screenshot_dir() -> Path:
@@ -155,7 +165,9 @@ def test_plugins_and_medsiglip_tabs(server, page):
     for name in ("radiograph", "ct", "wsi", "medgemma-data"):
         assert name in table
     page.get_by_role("tab", name="MedSigLIP zero-shot").click()
-    assert "--medsiglip" in page.inner_text("#medsiglip-missing")
+    missing = page.inner_text("#medsiglip-missing")
+    # off out of the box, and it says how to turn it on, in the way the demo was started
+    assert "This tab is off" in missing and "python -m medgemma_demo --medsiglip" in missing
     path = screenshot_dir() / "demo-plugins.png"
     page.get_by_role("tab", name="Plugins").click()
     page.screenshot(path=str(path), full_page=True)
@@ -174,7 +186,7 @@ def test_bad_upload_shows_an_error_in_the_page(server, page, tmp_path):
     page.wait_for_function("document.querySelector('#upload-status').innerText.includes("
                            "'Could not read')", timeout=180_000)
     status = page.inner_text("#upload-status")
-    assert "broken_scan.dcm" in status and "Read as" in status
+    assert "broken_scan.dcm" in status and "'Read as' modality" in status
     assert "Traceback" not in status and 'File "' not in status
     assert page.locator("#gallery img").count() == 0
     path = screenshot_dir() / "demo-error.png"
@@ -199,3 +211,131 @@ def _assert_same_picture(shown: np.ndarray, dcm: Path) -> None:
     ref_small = np.asarray(Image.fromarray(ref).resize((w, h), Image.Resampling.BOX), float)
     corr = np.corrcoef(ref_small.ravel(), shown[..., 0].astype(float).ravel())[0, 1]
     assert corr > 0.98, corr
+
+
+def _answer(page, timeout_s: float = ANSWER_TIMEOUT_S, during=None) -> str:
+    """Wait for the last bot message to be complete (no cursor); ``during()`` runs while it
+    streams."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        bots = page.locator('#chatbot [data-testid="bot"]')
+        text = bots.last.inner_text() if bots.count() else ""
+        if text and "▌" in text and during is not None:
+            during()
+        if text and "▌" not in text and "waiting for the model" not in text:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"no complete answer within {timeout_s} s")
+
+
+BUSY = "#upload .generating, #upload .progress-text, #upload .eta-bar"
+
+
+def test_frictions_of_a_first_user(server, page, tmp_path):
+    """The page says which prompt mode runs and how it was started; an answer leaves the
+    upload box alone; Send takes the attachment (the gallery empties); a cut-off says so;
+    a slide's reading options are on the page."""
+    page.goto(server[0], wait_until="domcontentloaded")
+    page.wait_for_function("document.querySelector('#model-status').innerText.includes("
+                           "'Ready')", timeout=ANSWER_TIMEOUT_S * 1000)
+    status = page.inner_text("#model-status")
+    assert "base-model mode" in status and "up to 8 questions decoded together" in status
+    assert "python -m medgemma_demo --checkpoint" in page.inner_text("#default-model-note")
+
+    # attach a QA file (its first question), ask; the upload box shows no progress meanwhile
+    from conftest import fixtures_dir
+
+    page.set_input_files("#upload input[type=file]",
+                         str(fixtures_dir() / "qa" / "medqa_sampled_50.jsonl"))
+    page.wait_for_function("document.querySelector('#upload-status').innerText.includes("
+                           "'1 of 50')", timeout=180_000)
+    page.fill("#chat-input textarea", "Answer with the letter.")
+    page.click("#send-btn")
+    page.wait_for_function("document.querySelector('#upload-status').innerText.includes("
+                           "'Sent with your question')")
+    assert page.locator("#gallery img").count() == 0
+    busy: list[int] = []
+    _answer(page, during=lambda: busy.append(page.locator(BUSY).count()))
+    assert busy and max(busy) == 0, "the upload box showed progress during the answer"
+    assert "Sent with your question" in page.inner_text("#upload-status")
+
+    # a 3-token limit: the answer says it was cut
+    page.get_by_text("Settings").first.click()
+    page.fill("#max-new input[type=number]", "3")
+    page.press("#max-new input[type=number]", "Enter")
+    page.fill("#chat-input textarea", "Describe the anatomy of the human heart in detail.")
+    page.click("#send-btn")
+    assert "cut at 3 tokens" in _answer(page)
+
+    # the bundled slide: too strict a min_tissue says which option to lower, and where
+    page.get_by_text("Read options").first.click()
+    page.fill("#read-options textarea", "min_tissue=0.99")
+    page.set_input_files("#upload input[type=file]", str(fixtures_dir() / "wsi" / "small.svs"))
+    page.wait_for_function("document.querySelector('#upload-status').innerText.includes("
+                           "'Could not read')", timeout=180_000)
+    assert "min_tissue (in the 'Read options')" in page.inner_text("#upload-status")
+    assert "min_tissue=0.25" in page.inner_text("#read-options-help")
+    page.fill("#read-options textarea", "min_tissue=0.01")
+    page.press("#read-options textarea", "Enter")
+    page.wait_for_selector("#gallery img", timeout=180_000)
+    assert "wsi" in page.inner_text("#upload-status")
+    path = screenshot_dir() / "demo-frictions.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"\nscreenshot: {path}")
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    """The demo on a tiny random Gemma 3 (the real tokenizer): a training run takes seconds."""
+    from conftest import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"))
+    runs = tmp_path_factory.mktemp("runs")
+    yield from _serve(["--checkpoint", str(folder), "--max-new-tokens", "8", "--no-warmup",
+                       "--runs-dir", str(runs)])
+
+
+def test_train_then_evaluate_the_adapter(tiny_server, browser_context, tmp_path):
+    page = browser_context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(tiny_server[0], wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Train").click()
+    assert "One run at a time per server" in page.inner_text("#train-intro")
+    page.fill("#train-steps input[type=number]", "4")
+    page.press("#train-steps input[type=number]", "Enter")
+    page.fill("#train-rank input[type=number]", "4")
+    page.press("#train-rank input[type=number]", "Enter")
+    page.click("#train-start")
+    # the loss curve fills in while it runs, then the adapter can be downloaded
+    page.wait_for_function("document.querySelector('#train-status').innerText.includes("
+                           "'Training') || document.querySelector('#train-status').innerText"
+                           ".includes('Done')", timeout=600_000)
+    page.wait_for_function("document.querySelector('#train-status').innerText.includes("
+                           "'Done')", timeout=600_000)
+    status = page.inner_text("#train-status")
+    assert "step **4 / 4**" in status or "step 4 / 4" in status, status
+    page.wait_for_selector("#train-loss canvas, #train-loss svg", timeout=60_000)
+    with page.expect_download(timeout=60_000) as info:
+        page.click("#train-download")
+    saved = tmp_path / "adapter.zip"
+    info.value.save_as(saved)
+    import zipfile
+
+    names = zipfile.ZipFile(saved).namelist()
+    assert "adapter_config.json" in names and "adapter_model.safetensors" in names
+    page.screenshot(path=str(screenshot_dir() / "demo-train.png"), full_page=True)
+
+    # Evaluate the adapter just trained: the chart and the per-item table appear
+    page.get_by_role("tab", name="Evaluate").click()
+    page.get_by_label("fine-tuned (last Train run)").check()
+    page.fill("#eval-n input[type=number]", "3")
+    page.press("#eval-n input[type=number]", "Enter")
+    page.click("#eval-start")
+    page.wait_for_function("document.querySelector('#eval-status').innerText.includes("
+                           "'95% CI')", timeout=600_000)
+    assert "medqa · fine-tuned" in page.inner_text("#eval-status")
+    page.wait_for_selector("#eval-chart canvas, #eval-chart svg", timeout=60_000)
+    table = page.inner_text("#eval-items")
+    assert "gold" in table and "correct" in table and table.count("\n") >= 3
+    page.screenshot(path=str(screenshot_dir() / "demo-evaluate.png"), full_page=True)
+    page.close()

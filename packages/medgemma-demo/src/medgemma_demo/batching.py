@@ -277,6 +277,14 @@ class CoreBackend:
         return self.model.chat_prompts([r.prompt for r in requests])
 
     def run(self, requests: Sequence[Request]) -> Iterator[list[tuple[str, str | None]]]:
+        n = len(requests)
+        # Batches are padded to a power of two (repeating the last request, its rows
+        # dropped): 1, 2, 4, 8... rows, so that few batch shapes are ever compiled.
+        padded = list(requests) + [requests[-1]] * (batch_bucket(n, self.max_batch) - n)
+        for chunk in self._run(padded):
+            yield chunk[:n]
+
+    def _run(self, requests: Sequence[Request]) -> Iterator[list[tuple[str, str | None]]]:
         prompts = self.prompts(requests)
         engine, tok = self.model.engine, self.model.tokenizer
         stops = set(engine.stop_ids)
@@ -305,6 +313,15 @@ class CoreBackend:
                 out.append((text, state[r]))
             yield out
         yield [("" if s is not None else d.flush(), s or LENGTH) for d, s in zip(decoders, state)]
+
+
+def batch_bucket(n: int, max_batch: int) -> int:
+    """The batch size ``n`` rows are padded to: the next power of two, at most ``max_batch``
+    (and never below ``n``)."""
+    size = 1
+    while size < n:
+        size *= 2
+    return max(n, min(size, max(max_batch, 1)))
 
 
 class SerialBackend:

