@@ -82,6 +82,10 @@ class Checkpoints:
                                      keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
+            # best_fn makes Orbax write each step's metrics and read them back when a run
+            # resumes (without it BestN forgets the kept best ones and deletes them)
+            best_fn=(lambda m: float(m[best_metric])) if keep_best > 0 else None,
+            best_mode=best_mode,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
             read_only=read_only, create=not read_only)
         self._mgr = ocp.CheckpointManager(self.directory, options=options,
