@@ -243,13 +243,25 @@ def _warn_if_cpu_scheduler_flag_late(dtype: str) -> None:
 
 
 def load(checkpoint: str | Path | None = None, *, dtype: str = "float32",
-         image_batch: int = 4) -> MedGemma:
+         image_batch: int = 4, quantize: str | None = None) -> MedGemma:
     """Load a Hugging Face folder, a GGUF file or an Orbax folder (None: the embedded default).
 
     Image-text checkpoints (Gemma3ForConditionalGeneration folders such as medgemma-4b-it, or
     Orbax folders saved by ``checkpoints.multimodal.save_multimodal``) load the vision tower and
     projector too; ``image_batch`` images are encoded per call.
+
+    ``quantize="int8"`` (or ``"int8-g32"``): int8 decoder weights (:mod:`medgemma_core.quant`),
+    half the memory of bfloat16 and faster batch-1 decoding; activations stay in ``dtype``.
+    The vision tower and projector of image-text models stay in ``dtype``. Left at None, it
+    is ``MEDGEMMA_QUANTIZE`` when set (how the demo's ``--quantize`` reaches this).
     """
+    import os
+
+    from . import quant
+
+    if quantize is None:  # the environment's default (the demo's --quantize sets it)
+        quantize = os.environ.get("MEDGEMMA_QUANTIZE") or None
+    quant.check_mode(quantize)
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
     _warn_if_cpu_scheduler_flag_late(dtype)
     from .checkpoints.multimodal import is_multimodal
@@ -259,6 +271,8 @@ def load(checkpoint: str | Path | None = None, *, dtype: str = "float32",
         from .processor import Processor
 
         model = load_multimodal(path, dtype=dtype)
+        if quantize is not None:
+            quant.quantize(model, quantize)  # the decoder, in place
         processor = Processor.from_checkpoint(  # the tokenizer, with the image token
             path, image_size=model.config.vision.image_size,
             mm_tokens_per_image=model.config.mm_tokens_per_image)
@@ -270,7 +284,7 @@ def load(checkpoint: str | Path | None = None, *, dtype: str = "float32",
         except ValueError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         return MedGemma(engine, tokenizer, name=path.name, multimodal=images)
-    decoder = load_decoder(path, dtype=dtype)
+    decoder = load_decoder(path, dtype=dtype, quantize=quantize)
     tokenizer = Tokenizer.from_checkpoint(path)
     engine = Engine(decoder, stop_ids=sorted(tokenizer.stop_ids), pad_id=tokenizer.pad_id)
     return MedGemma(engine, tokenizer, name=path.name)

@@ -14,6 +14,8 @@ from flax import nnx
 from medsiglip.lora import adapt
 from medsiglip.sharding import constrain, param
 
+from . import quant
+
 
 class RMSNorm(nnx.Module):
     """``y = x * rsqrt(mean(x^2) + eps) * (1 + w)``, computed in float32, cast back to x's dtype.
@@ -76,7 +78,10 @@ def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f") -> jax.Array
     float32 result avoids a second conversion of the output, and :func:`pin_to` ties each
     weight to its activation so that the float32 copy of the weight is made just before its
     product and freed after it: otherwise XLA hoists the conversions of every weight out of
-    the decode loop and holds float32 copies of the whole model (2x its size) for the loop."""
+    the decode loop and holds float32 copies of the whole model (2x its size) for the loop.
+    An int8 weight (:class:`~medgemma_core.quant.QArray`) goes to :func:`quant.dot`."""
+    if isinstance(w, quant.QArray):
+        return quant.dot(x, w, spec)
     x, w = pin_to(x, w)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -96,7 +101,10 @@ def vocab_projection(h: jax.Array, table: jax.Array, chunk_bytes: int = 64 << 20
 
     On the CPU a low-precision table is projected in vocabulary chunks of about
     ``chunk_bytes`` (as float32), each converted just before its product: one product over
-    the whole table would hold a float32 copy of it (2.7 GB for the 4B model)."""
+    the whole table would hold a float32 copy of it (2.7 GB for the 4B model). An int8 table
+    goes to :func:`quant.logits`."""
+    if isinstance(table, quant.QArray):
+        return quant.logits(h, table)
     v, d = table.shape
     n = 1
     if table.dtype != jnp.float32 and jax.default_backend() == "cpu":

@@ -14,6 +14,7 @@ from medsiglip import weights
 from medsiglip.remat import check_remat, run_blocks
 from medsiglip.sharding import constrain, param
 
+from . import quant
 from .attention import Attention, AttnInputs
 from .config import Gemma3Config
 from .layers import FeedForward, RMSNorm, pin_to, rope_inv_freq, vocab_projection
@@ -86,6 +87,8 @@ class Gemma3(nnx.Module):
         """tokens [B, T] -> [B, T, D], scaled by sqrt(D) rounded to the weight dtype."""
         table = self.embedding[...]
         scale = jnp.asarray(math.sqrt(self.config.hidden_size), table.dtype)
+        if isinstance(table, quant.QArray):
+            return quant.take(table, tokens) * scale
         # without the pin, XLA on CPUs hoists a float32 copy of the bf16 table out of the
         # decode loop for this lookup (2.7 GB more for the 4B model; tested)
         tokens, table = pin_to(tokens, table)

@@ -25,6 +25,7 @@ from medsiglip.weights import (
     read_hf_config,
 )
 
+from .. import quant
 from ..config import Gemma3Config
 from ..transformer import Gemma3
 from .gguf_file import GGUFSource
@@ -35,6 +36,7 @@ __all__ = ["CheckpointError", "TensorSource", "load_decoder", "save_decoder", "r
 
 
 KIND = "gemma3_text"
+QUANT_KEY = "medgemma_quantize"  # in a saved folder's config: the quantize mode of its weights
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -79,9 +81,16 @@ def text_source(path: str | Path) -> tuple[TensorSource, Gemma3Config, str]:
     return src, config, prefix
 
 
-def load_decoder(path: str | Path, *, dtype="float32") -> Gemma3:
-    """Load the Gemma 3 text decoder from a HF folder, a GGUF file or an Orbax folder."""
+def load_decoder(path: str | Path, *, dtype="float32", quantize: str | None = None) -> Gemma3:
+    """Load the Gemma 3 text decoder from a HF folder, a GGUF file or an Orbax folder.
+
+    ``quantize="int8"`` (one scale per output channel) or ``"int8-g32"`` (groups of 32):
+    int8 weights (:mod:`medgemma_core.quant`), quantized one tensor at a time as they are
+    read. A GGUF file whose weights are Q8_0 loads its blocks as they are (groups of 32,
+    whichever int8 mode is asked for), without a float copy. An Orbax folder of a quantized
+    model loads quantized whatever ``quantize`` says."""
     dtype = resolve_dtype(dtype)
+    quant.check_mode(quantize)
     path = Path(path)
     if path.is_dir() and weights.is_saved(path):
         meta = weights.read_meta(path)
@@ -90,17 +99,32 @@ def load_decoder(path: str | Path, *, dtype="float32") -> Gemma3:
                 f"{path}: holds a {meta['kind']!r} model, not a Gemma 3 text decoder; load it "
                 f"with the loader of that kind (medgemma_core.load for image-text models)")
         cfg = Gemma3Config.from_hf_dict(meta["config"])
+        saved = meta["config"].get(QUANT_KEY)
+        if saved is not None:
+            abstract = quant.abstract_quantized(
+                lambda rngs: Gemma3(cfg, dtype=dtype, rngs=rngs), quant.check_mode(saved))
+            return weights.restore(abstract, path)
         abstract = abstract_module(lambda rngs: Gemma3(cfg, dtype=dtype, rngs=rngs))
-        return weights.restore(abstract, path)
-    cached = _conversion_cache(path, dtype)
+        model = weights.restore(abstract, path)
+        return model if quantize is None else quant.quantize(model, quantize)
+    cached = _conversion_cache(path, dtype, quantize)
     if cached is not None and weights.is_saved(cached):
         try:
             return load_decoder(cached, dtype=dtype)
         except CheckpointError:
             shutil.rmtree(cached, ignore_errors=True)  # stale or partial: convert again
     src, cfg, prefix = text_source(path)
-    abstract = abstract_module(lambda rngs: Gemma3(cfg, dtype=dtype, rngs=rngs))
-    model = fill(abstract, src, text_specs(cfg, prefix))
+    specs = text_specs(cfg, prefix)
+    if quantize is None:
+        abstract = abstract_module(lambda rngs: Gemma3(cfg, dtype=dtype, rngs=rngs))
+    else:
+        if isinstance(src, GGUFSource) and any(
+                src.is_q8_0(n) for n in src.names() if not n.endswith("norm.weight")):
+            quantize, src = "int8-g32", quant.Q8Source(src)  # the file's own blocks
+        abstract = quant.abstract_quantized(
+            lambda rngs: Gemma3(cfg, dtype=dtype, rngs=rngs), quantize)
+        specs = quant.quantized_specs(specs, quantize)
+    model = fill(abstract, src, specs)
     if cached is not None:
         try:
             save_decoder(model, cached)
@@ -111,7 +135,7 @@ def load_decoder(path: str | Path, *, dtype="float32") -> Gemma3:
     return model
 
 
-def _conversion_cache(path: Path, dtype) -> Path | None:
+def _conversion_cache(path: Path, dtype, quantize: str | None = None) -> Path | None:
     """Where the dequantized weights of a GGUF file are kept (Orbax), so that the next load
     skips dequantization. ``MEDGEMMA_CONVERT_CACHE=0`` turns this off; ``=DIR`` moves it."""
     setting = os.environ.get("MEDGEMMA_CONVERT_CACHE", "")
@@ -121,10 +145,16 @@ def _conversion_cache(path: Path, dtype) -> Path | None:
     stat = path.stat()
     # the last field is the cache layout: 2 = medsiglip.weights' folders (1 held medgemma.json)
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{jnp.dtype(dtype).name}|2"
+    if quantize is not None:  # quantized weights are kept apart (float keys unchanged)
+        key += f"|{quantize}"
     return root / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
 
 def save_decoder(model: Gemma3, folder: str | Path) -> Path:
-    """Save with Orbax (restorable by :func:`load_decoder`), replacing what ``folder`` holds."""
-    return weights.save(model, folder, kind=KIND, config=model.config.to_hf_dict(),
-                        overwrite=True)
+    """Save with Orbax (restorable by :func:`load_decoder`), replacing what ``folder`` holds.
+    A quantized model is saved quantized (int8 values and scales; its mode in the config)."""
+    config = model.config.to_hf_dict()
+    mode = quant.mode_of(model)
+    if mode is not None:
+        config[QUANT_KEY] = mode
+    return weights.save(model, folder, kind=KIND, config=config, overwrite=True)

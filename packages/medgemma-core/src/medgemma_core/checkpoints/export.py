@@ -177,7 +177,8 @@ def _source_dtype(path: Path) -> str:
     from medsiglip import weights
 
     if path.is_dir() and weights.is_saved(path):
-        return str(weights.read_meta(path).get("dtype", "float32"))
+        name = str(weights.read_meta(path).get("dtype", "float32"))
+        return "float32" if name == "int8" else name  # a quantized model computes in float32
     if path.is_dir() and (path / "config.json").is_file():
         raw = weights.read_hf_config(path)
         name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get(
@@ -213,11 +214,14 @@ def load_any(source: str | Path, dtype: str = "auto") -> Gemma3 | Gemma3Multimod
 
 def convert_checkpoint(source: str | Path, out: str | Path, *, to: str, dtype: str = "auto",
                        max_shard_size: int | str = "5GB", overwrite: bool = False,
-                       say: Callable[[str], None] | None = None) -> dict[str, Any]:
+                       say: Callable[[str], None] | None = None,
+                       quantize: str | None = None) -> dict[str, Any]:
     """``medgemma convert``: load ``source`` (:func:`load_any`) and write ``out`` as a Hugging
     Face folder (``to="hf"``, :func:`save_hf`) or an Orbax folder (``to="orbax"``, which
     ``medgemma_core.load`` reads, tokenizer files included). ``say(text)`` reports progress
-    (a line ending in ``\\r`` is overwritten by the next). Returns a JSON-able summary."""
+    (a line ending in ``\\r`` is overwritten by the next). ``quantize`` (``"int8"``,
+    ``"int8-g32"``; text models, ``to="orbax"``): an Orbax folder of int8 weights that loads
+    quantized. Returns a JSON-able summary."""
     from medsiglip.checkpoints.export import parse_size
 
     from . import save_decoder
@@ -238,8 +242,22 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, to: str, dtype: s
                          f"folder")
     if out.resolve() == source.resolve():
         raise ValueError(f"{out} is the source itself; write the conversion to a new folder")
+    if quantize is not None:
+        from .. import quant
+        from . import load_decoder
+        from .multimodal import is_multimodal
+
+        quant.check_mode(quantize)
+        if to != "orbax" or is_multimodal(source):
+            raise ValueError("--quantize converts text models to Orbax folders only; use "
+                             "--to orbax (image-text models: medgemma_core.load(..., "
+                             "quantize=...))")
     say(f"reading {source}\n")
-    model = load_any(source, dtype)
+    if quantize is not None:
+        model = load_decoder(source, dtype=_source_dtype(source) if dtype == "auto" else dtype,
+                             quantize=quantize)
+    else:
+        model = load_any(source, dtype)
     kind = "image-text" if isinstance(model, Gemma3Multimodal) else "text"
     n = len(hf_specs(model))
     if to == "hf":

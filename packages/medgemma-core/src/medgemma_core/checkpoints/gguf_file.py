@@ -73,6 +73,20 @@ class GGUFSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._tensors[name].shape  # numpy order: [out, in]
 
+    def is_q8_0(self, name: str) -> bool:
+        """Whether ``name`` is stored as Q8_0 blocks (loaded natively by ``quantize="int8"``)."""
+        from gguf.constants import GGMLQuantizationType
+
+        return self._tensors[name].qtype == GGMLQuantizationType.Q8_0
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of ``name`` ([rows, row bytes] for block types), memory-mapped."""
+        try:
+            return self.index.raw(self._tensors[name])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{self.where(name)}: cannot read the tensor ({exc}); the "
+                                  "file is truncated or corrupt, re-download it") from None
+
     def get(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
 
