@@ -170,3 +170,35 @@ def test_reward_plugin_and_lora_reference(text_ck, reward_package, tmp_path):
     moved = [p for p, v in nnx.to_flat_state(nnx.state(out["model"], nnx.LoRAParam))
              if np.any(np.asarray(v.get_value()) != 0) and p[-1] == "b"]
     assert moved  # the policy's adapters trained
+
+
+def test_builtin_rewards_by_hand(capsys):
+    from medgemma_train.cli import main
+
+    def r(name, completion, gold, stopped=True, **meta):
+        return rewards.get_reward(name).fn(rewards.Sample("", completion, gold, stopped, meta))
+
+    opts = {"A": "aspirin", "B": "heparin", "C": "warfarin", "D": "alteplase"}
+    assert r("letter", "The answer is (C).", "C", options=opts) == 1.0
+    assert r("letter", "heparin", "B", options=opts) == 1.0
+    assert r("letter", "I am not sure", "B", options=opts) == 0.0
+    assert r("exact", "The pneumothorax.", "pneumothorax") == 1.0
+    assert r("exact", "left pneumothorax", "pneumothorax") == 0.0
+    assert r("token_f1", "small left pleural effusion", "left pleural effusion") == (
+        2 * (3 / 4) * 1.0 / (3 / 4 + 1.0))
+    # predicted {effusion, cardiomegaly} vs gold {effusion, edema}: F1 = 2*1 / (2 + 2)
+    assert r("cxr_f1", "Pleural effusion and cardiomegaly; no pneumothorax.",
+             "pleural effusion, edema") == 0.5
+    assert r("cxr_f1", "No acute findings.", "normal study") == 1.0  # both empty
+    assert r("format", "Red", "red") == 1.0
+    assert r("format", "Red", "red", stopped=False) == 0.0
+    assert r("format", "Red\nGreen", "red") == 0.0
+    assert r("format", "<unused94>thinking without end", "red") == 0.0
+    total, parts = rewards.score([rewards.Sample("", "Red", "red")], ["exact", "format"],
+                                 [0.5, 2.0])
+    assert total == [2.5] and parts == {"exact": [1.0], "format": [1.0]}
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        rewards.get_reward("nope")
+    assert main(["rewards", "--json"]) == 0
+    listed = {json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()}
+    assert {"letter", "exact", "token_f1", "cxr_f1", "format"} <= listed

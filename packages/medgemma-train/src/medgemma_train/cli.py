@@ -45,6 +45,7 @@ COMMANDS: dict[str, str] = {
     "siglip": "medgemma_train.engine.commands:SIGLIP",
     "pretrain": "medgemma_train.engine.commands:PRETRAIN",
     "distill": "medgemma_train.engine.post_commands:DISTILL",
+    "teacher-generate": "medgemma_train.engine.post_commands:TEACHER_GENERATE",
     "teacher-logits": "medgemma_train.engine.post_commands:TEACHER_LOGITS",
     "rl": "medgemma_train.engine.post_commands:RL",
     "rewards": "medgemma_train.engine.post_commands:REWARDS",

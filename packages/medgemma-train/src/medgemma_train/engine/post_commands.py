@@ -3,6 +3,7 @@
 ::
 
     medgemma-train distill --checkpoint student/ --data qa.jsonl --set distill.teacher=teacher/
+    medgemma-train teacher-generate --teacher teacher/ --data questions.jsonl corpus.jsonl
     medgemma-train teacher-logits --teacher teacher/ --data qa.jsonl --top-k 64 logits/
     medgemma-train distill --checkpoint student/ --data qa.jsonl --set distill.logits=logits/
     medgemma-train rl --checkpoint sft-run/export/hf --data vqa.jsonl --set rl.rewards=[exact]
@@ -22,7 +23,7 @@ import sys
 from ..cli import Command
 from .commands import _err, _train_args, _user_errors, resolve_config, run_stage
 
-__all__ = ["DISTILL", "REWARDS", "RL", "TEACHER_LOGITS"]
+__all__ = ["DISTILL", "REWARDS", "RL", "TEACHER_GENERATE", "TEACHER_LOGITS"]
 
 DISTILL = Command(
     "distill", "distillation from a teacher (online, or offline top-k logits files)",
@@ -80,6 +81,43 @@ TEACHER_LOGITS = Command(
     description="Encode every row of --data/--eval-data as the distill stage does and "
                 "store the teacher's top-k logits and ids per counted token in sharded .npz "
                 "files; the storage per token is reported.")
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p)
+    p.add_argument("--teacher", required=True, help="the teacher checkpoint")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("corpus_out", metavar="OUT", help="chat JSONL file to write")
+
+
+def _generate_run(args: argparse.Namespace) -> int:
+    from .corpus import teacher_generate
+
+    if not args.checkpoint:
+        args.checkpoint = args.teacher
+    cfg, _ = resolve_config(args, "distill")
+    try:
+        meta = teacher_generate(cfg, args.teacher, args.corpus_out,
+                                max_new_tokens=args.max_new_tokens,
+                                batch=cfg.data.batch_size, temperature=args.temperature,
+                                seed=args.seed, say=None if args.json else (
+                                    lambda t: print(t, file=sys.stderr)))
+    except (*_user_errors(), ValueError) as exc:
+        raise _err(exc) from None
+    print(json.dumps(meta) if args.json else
+          f"{meta['rows']} teacher answers ({meta['truncated']} cut at --max-new-tokens) in "
+          f"{meta['out']}")
+    return 0
+
+
+TEACHER_GENERATE = Command(
+    "teacher-generate", "sample a teacher's answers to a question set (distillation corpus)",
+    _generate_args, _generate_run,
+    description="Answer every row of --data (its last assistant turn dropped) with the "
+                "teacher, in batches of --batch-size with medgemma-core's batched "
+                "generation, and write chat JSONL rows with the teacher's answers.")
 
 
 def _rewards_args(p: argparse.ArgumentParser) -> None:

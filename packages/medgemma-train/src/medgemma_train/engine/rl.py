@@ -28,6 +28,9 @@ Each step:
    (every rollout weighs the same whatever its length). ``logp_old`` is the policy that
    sampled (the value of ``logp`` itself on the first update).
 
+Limits: one process, the default device placement (no mesh), no ``--resume`` and no
+validation pass yet (``data.eval`` is not read).
+
 The run folder holds ``config.yaml``, ``metrics.jsonl`` (reward mean, KL, clip fraction, and
 the seconds of rollout, reference forward and update per step), ``rollouts.jsonl`` (prompt,
 completion, reward, advantage of every rollout), TensorBoard events and the final checkpoint.
@@ -301,6 +304,9 @@ def run(cfg: Any, stage: StageSpec, *, dry_run: bool = False, say: Any = None) -
     if processes > 1:
         raise TrainError("rl: one process for now (the rollouts are not yet split among "
                          "processes); run on one host")
+    if cfg.run.resume:
+        raise TrainError("rl: --resume is not supported yet; start a new run from the last "
+                         "checkpoint's export")
     if cfg.optimizer.grad_accum != 1:
         raise TrainError("rl: optimizer.grad_accum must be 1 (a step is one rollout batch)")
     for name in s.rewards:
