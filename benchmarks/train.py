@@ -17,7 +17,8 @@ collating); theirs gets rows we tokenized. Prints one JSON object.
 
 ``--modes siglip pretrain``: the stage rows of ``benchmarks/train_stages.py`` (a random
 SigLIP against transformers' SiglipModel with the sigmoid loss in torch; the tiny image-text
-model against Gemma3ForConditionalGeneration), same batches, same run.
+model against Gemma3ForConditionalGeneration), same batches, same run. ``pretrain-memory``:
+the planned peak memory of a pretrain step per row length (1 to 85 images), remat on / off.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--modes", nargs="+", default=["full", "lora", "siglip", "pretrain"],
-                    choices=["full", "lora", "siglip", "pretrain"])
+                    choices=["full", "lora", "siglip", "pretrain", "pretrain-memory"])
+    ap.add_argument("--memory-images", type=int, nargs="+", default=[1, 8, 32, 85])
     ap.add_argument("--siglip-width", type=int, default=256)
     ap.add_argument("--siglip-layers", type=int, default=4)
     ap.add_argument("--pretrain-seq", type=int, default=64)
@@ -171,10 +173,13 @@ def main() -> None:
         tmp = Path(d)
         rows = _rows(gguf, a.seq, tmp / "rows.json") if sft_modes else None
         for mode in a.modes:
-            if mode in ("siglip", "pretrain"):
+            if mode in ("siglip", "pretrain", "pretrain-memory"):
                 sys.path.insert(0, str(Path(__file__).parent))
                 import train_stages
 
+                if mode == "pretrain-memory":
+                    result["runs"][mode] = train_stages.memory_rows(a)
+                    continue
                 row = train_stages.siglip_row if mode == "siglip" else train_stages.pretrain_row
                 result["runs"][mode] = row(a, tmp, OURS)
                 continue

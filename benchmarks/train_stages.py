@@ -217,3 +217,59 @@ def pretrain_row(a, tmp: Path, ours_script: str) -> dict:
             "model": {"checkpoint": "medgemma_core.testing.save_tiny_mm", "seq": a.pretrain_seq,
                       "batch": a.batch},
             "speedup": mine["tokens_per_s"] / peer["tokens_per_s"]}
+
+
+def memory_rows(a) -> dict:
+    """Planned peak memory of one pretrain step (forward, backward, AdamW) per row length:
+    one row of ``n`` images (a CT series of up to 85 slices) on a small image-text model
+    (64 px images, 64 soft tokens each, a width-128 decoder of 2 layers), with and without
+    remat. XLA's own accounting of the compiled step (``memory_analysis``: arguments, outputs
+    and temporaries; the optimizer state is among the arguments), not a run's RSS."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from medgemma_core import Gemma3Config, Gemma3Multimodal, MultimodalConfig
+    from medgemma_core.training import next_token_loss
+    from medgemma_train.engine.config import OptimizerConfig
+    from medgemma_train.engine.step import build_steps, make_optimizer
+    from medsiglip import SiglipVisionConfig
+
+    cfg = MultimodalConfig(
+        Gemma3Config.tiny(vocab_size=4096, hidden_size=128, intermediate_size=256,
+                          num_layers=2, head_dim=32, query_pre_attn_scalar=32),
+        SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                           patch_size=4, image_size=64, use_head=False),
+        mm_tokens_per_image=64, image_token_id=4000, boi_token_id=4001, eoi_token_id=4002)
+    model = nnx.eval_shape(lambda: Gemma3Multimodal(cfg, rngs=nnx.Rngs(0)))
+    out = {"model": "decoder width 128 x 2 layers, vocab 4096; SigLIP 64 px, patch 4, 2 layers; "
+                    "64 soft tokens per image", "rows": []}
+    for n in a.memory_images:
+        body = [1] + [t for _ in range(n) for t in
+                      ([cfg.boi_token_id] + [cfg.image_token_id] * 64 + [cfg.eoi_token_id])]
+        body += list(range(10, 42))  # 32 caption tokens
+        seq = -(-len(body) // 128) * 128
+        tokens = jnp.zeros((1, seq), jnp.int32).at[0, :len(body)].set(jnp.asarray(body))
+        mask = jnp.zeros((1, seq), jnp.int32).at[0, :len(body)].set(1)
+        labels = jnp.where(mask == 1, tokens, -100)
+        batch = {"tokens": tokens[None], "labels": labels[None], "attention_mask": mask[None],
+                 "pixels": jnp.zeros((1, 1, n, 64, 64, 3), jnp.float32),
+                 "image_mask": jnp.ones((1, 1, n), bool)}
+        row = {"images": n, "tokens": len(body), "seq": seq}
+        for remat in ("none", "full"):
+            train_def, params, rest = nnx.split(model, nnx.Param, ...)
+            tx, schedule = make_optimizer(OptimizerConfig(), 10)
+            fns = build_steps(train_def, train_def,
+                              lambda m, b, r=remat: next_token_loss(m, b, remat=r), tx,
+                              schedule, accum=1)
+            state = {"params": params, "opt": jax.eval_shape(tx.init, params),
+                     "step": jax.ShapeDtypeStruct((), jnp.int32)}
+            spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+            mem = fns.train.lower(state, rest, spec).compile().memory_analysis()
+            row[f"remat_{remat}"] = {
+                "temp_mb": round(mem.temp_size_in_bytes / 2**20, 2),
+                "peak_mb": round((mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                  + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+                                 / 2**20, 2)}
+        out["rows"].append(row)
+    return out
