@@ -10,6 +10,10 @@ true images; the control trains the same way with the images permuted across row
 Asserted: the mean reward over the last 5 steps is >= 0.8 with true images and stays at chance
 (<= 0.45) with shuffled ones; with beta > 0 the logged KL to the reference stays under the
 stated bound; the reference's parameters are bitwise those of the starting checkpoint.
+
+Measured on the shared 2-core CPU (100 steps, lr 2e-3): beta 0.1: reward 0.23 -> 0.89, largest
+per-step KL 0.46; shuffled images 0.24. beta 0: the KL's 10-step means rose to 0.44 (and the
+reward only to ~0.5); beta 1: they stayed under 0.1 while the reward still rose (~0.5).
 """
 
 from __future__ import annotations
@@ -117,3 +121,15 @@ def test_grpo_learns_the_colour_from_reward(warm):
     chance = _mean(control["history"], "reward", slice(-5, None))
     print(f"shuffled images: reward over the last 5 steps {chance:.3f}")
     assert chance <= 0.45, chance
+
+
+def test_beta_bounds_the_kl(warm):
+    """A strong KL penalty (beta = 1) keeps every step's KL to the reference under 0.25 nats per
+    token (beta 0 passes 0.4 on this task), while the reward still rises."""
+    root, ck, rows = warm
+    h = _rl(root, ck, _write(root / "real1.jsonl", rows), "beta1", beta=1.0)["history"]
+    kl = max(x["kl"] for x in h)
+    first, last = _mean(h, "reward", slice(0, 10)), _mean(h, "reward", slice(-10, None))
+    print(f"beta 1: max KL {kl:.4f}; reward {first:.3f} (first 10) -> {last:.3f} (last 10)")
+    assert kl <= 0.25, kl
+    assert last >= first + 0.1, (first, last)

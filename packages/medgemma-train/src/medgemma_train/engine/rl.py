@@ -340,8 +340,12 @@ def run(cfg: Any, stage: StageSpec, *, dry_run: bool = False, say: Any = None) -
     tx, schedule = make_optimizer(cfg.optimizer, total * s.updates_per_rollout)
     model.eval()
     graphdef, params, rest = nnx.split(model, prepared.trainable, ...)
+    # committed to one device from the start: the second step then reuses the first's compiles
+    params, rest = jax.device_put((params, rest), jax.sharding.SingleDeviceSharding(
+        jax.devices()[0]))
+    nnx.update(model, params, rest)
     reference = reference_params(params)
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)
     roller = Roller(model, prepared.processor, image_text, slots)
     chunk = cfg.model.loss_chunk
 
