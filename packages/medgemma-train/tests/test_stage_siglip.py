@@ -247,6 +247,17 @@ def test_export_loads_in_transformers_at_another_resolution(tiny, tmp_path):
                                atol=1e-4)
     assert (folder / "spiece.model").is_file()
 
+    # medgemma-train export rebuilds the run's model from its checkpoint: the same tensors
+    from safetensors.numpy import load_file
+
+    from medgemma_train.engine.commands import export_checkpoint
+
+    again = export_checkpoint(tmp_path / "run", "hf", tmp_path / "again")
+    assert again["step"] == 2
+    a, b = load_file(folder / "model.safetensors"), load_file(tmp_path / "again" /
+                                                              "model.safetensors")
+    assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
 
 # ---- learning --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")

@@ -248,6 +248,8 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
             r = fns.evaluate(p, rest, {k: v[0] for k, v in b.items()})
             total_loss += float(r["loss_sum"])
             total_n += int(r["tokens"])
+        if own_batches and total_n == 0:  # fewer eval rows than one whole batch
+            return values
         return {"eval_loss": total_loss / max(1, total_n), "eval_tokens": total_n, **values}
 
     history: list[dict] = []
