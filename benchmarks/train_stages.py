@@ -18,8 +18,8 @@ ratios are rough): ``--steps 6 --threads 2``; siglip (width 256, 4 layers, batch
 images/s against 4.7 (0.73x; our first step, compile, 67 s); pretrain (tiny model, batch 4,
 seq 64) 111 tokens/s against 26 (4.3x; compile 80 s). ``pretrain-memory`` (XLA's planned
 peak of one step, remat none / full): 1 image (99 tokens) 24 / 20 MB, 8 images (561) 118 /
-90 MB, 32 images (2,145) 310 / 188 MB, 85 slices (5,643) 742 / 581 MB: linear in the row
-length (the blocked masked attention never builds the T x T scores).
+90 MB, 32 images (2,145) 310 / 188 MB, 85 slices (5,643) 742 / 581 MB: no faster than
+linear in the row length (57x the tokens, 31x the memory).
 """
 
 from __future__ import annotations
