@@ -202,3 +202,25 @@ def test_builtin_rewards_by_hand(capsys):
     assert main(["rewards", "--json"]) == 0
     listed = {json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()}
     assert {"letter", "exact", "token_f1", "cxr_f1", "format"} <= listed
+
+
+def test_cli_dry_runs_and_one_line_mistakes(text_ck, tmp_path, capsys):
+    from medgemma_train.cli import main
+
+    _, ck = text_ck
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(12))
+    base = ["--checkpoint", str(ck), "--data", str(data), "--out", str(tmp_path / "run")]
+    assert main(["rl", *base, "--dry-run", "--json", "--set", "rl.prompts_per_step=3"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["steps"] == 4 and plan["rollouts_per_step"] == 24 and plan["trainable"] > 0
+    assert main(["distill", *base, "--dry-run", "--set", f"distill.teacher={ck}"]) == 0
+    assert "stage distill" in capsys.readouterr().out
+    for args, message in (
+            (["rl", *base, "--set", "rl.rewards=[nope]"], "unknown reward 'nope'"),
+            (["rl", *base, "--set", "rl.alpha=1"], "did you mean rl.adv_eps"),
+            (["rl", *base, "--set", "rl.group_size=1"], "rl.group_size must be at least 2"),
+            (["distill", *base], "distill: no teacher"),
+            (["distill", *base, "--set", "distill.alpha=2"], "distill.alpha=2.0")):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err

@@ -295,7 +295,7 @@ def run(cfg: Any, stage: StageSpec, *, dry_run: bool = False, say: Any = None) -
     from .mesh import initialize
     from .metrics import MetricsWriter
     from .rewards import Sample, get_reward, score
-    from .step import make_optimizer
+    from .step import make_optimizer, warmup_steps
     from .trainer import TrainError
 
     say = say or (lambda text: None)
@@ -328,8 +328,21 @@ def run(cfg: Any, stage: StageSpec, *, dry_run: bool = False, say: Any = None) -
     slots = max([1] + [ex.images for ex in examples]) if image_text else 0
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * len(prompts)
                                                   / s.prompts_per_step))
-    plan = {"stage": "rl", "steps": total, "prompts": len(prompts), "group_size": s.group_size,
-            "rollouts_per_step": s.group_size * s.prompts_per_step, "rewards": list(s.rewards)}
+    from .pipeline import mixture_table
+
+    def count(state: Any) -> int:
+        return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(state)))
+
+    plan = {"stage": "rl", "params": count(nnx.state(model, nnx.Param)),
+            "trainable": count(nnx.state(model, prepared.trainable)), "steps": total,
+            "steps_per_epoch": max(1, math.ceil(len(prompts) / s.prompts_per_step)),
+            "rows_per_step": s.prompts_per_step,
+            "warmup_steps": warmup_steps(cfg.optimizer, total * s.updates_per_rollout),
+            "mesh": {"devices": 1},
+            "processes": 1, "mixture": mixture_table(sources, s.prompts_per_step, total),
+            "eval_rows": 0, "bad_rows": 0, "prompts": len(prompts),
+            "group_size": s.group_size, "rollouts_per_step": s.group_size * s.prompts_per_step,
+            "rewards": list(s.rewards)}
     if dry_run:
         return plan
     out = Path(cfg.run.out)
