@@ -213,13 +213,16 @@ def _assert_same_picture(shown: np.ndarray, dcm: Path) -> None:
     assert corr > 0.98, corr
 
 
-def _answer(page, timeout_s: float = ANSWER_TIMEOUT_S, during=None) -> str:
-    """Wait for the last bot message to be complete (no cursor); ``during()`` runs while it
-    streams."""
+def _ask(page, question: str, during=None, timeout_s: float = ANSWER_TIMEOUT_S) -> str:
+    """Send ``question``; wait for its answer to be complete (no cursor); ``during()`` runs
+    while it streams."""
+    bots = page.locator('#chatbot [data-testid="bot"]')
+    before = bots.count()
+    page.fill("#chat-input textarea", question)
+    page.click("#send-btn")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        bots = page.locator('#chatbot [data-testid="bot"]')
-        text = bots.last.inner_text() if bots.count() else ""
+        text = bots.last.inner_text() if bots.count() > before else ""
         if text and "▌" in text and during is not None:
             during()
         if text and "▌" not in text and "waiting for the model" not in text:
@@ -236,6 +239,7 @@ def test_frictions_of_a_first_user(server, page, tmp_path):
     upload box alone; Send takes the attachment (the gallery empties); a cut-off says so;
     a slide's reading options are on the page."""
     page.goto(server[0], wait_until="domcontentloaded")
+    page.wait_for_selector("#model-status")
     page.wait_for_function("document.querySelector('#model-status').innerText.includes("
                            "'Ready')", timeout=ANSWER_TIMEOUT_S * 1000)
     status = page.inner_text("#model-status")
@@ -249,34 +253,26 @@ def test_frictions_of_a_first_user(server, page, tmp_path):
                          str(fixtures_dir() / "qa" / "medqa_sampled_50.jsonl"))
     page.wait_for_function("document.querySelector('#upload-status').innerText.includes("
                            "'1 of 50')", timeout=180_000)
-    page.fill("#chat-input textarea", "Answer with the letter.")
-    page.click("#send-btn")
-    page.wait_for_function("document.querySelector('#upload-status').innerText.includes("
-                           "'Sent with your question')")
-    assert page.locator("#gallery img").count() == 0
     busy: list[int] = []
-    _answer(page, during=lambda: busy.append(page.locator(BUSY).count()))
+    _ask(page, "Answer with the letter.", during=lambda: busy.append(page.locator(BUSY).count()))
     assert busy and max(busy) == 0, "the upload box showed progress during the answer"
+    assert page.locator("#gallery img").count() == 0
     assert "Sent with your question" in page.inner_text("#upload-status")
 
-    # a 3-token limit: the answer says it was cut
-    page.get_by_text("Settings").first.click()
-    page.fill("#max-new input[type=number]", "3")
-    page.press("#max-new input[type=number]", "Enter")
-    page.fill("#chat-input textarea", "Describe the anatomy of the human heart in detail.")
-    page.click("#send-btn")
-    assert "cut at 3 tokens" in _answer(page)
+    # the server's 24-token limit: a long answer says it was cut, and where to raise it
+    cut = _ask(page, "Describe the anatomy of the human heart in detail.")
+    assert "cut at 24 tokens: raise Max new tokens under Settings" in cut
 
     # the bundled slide: too strict a min_tissue says which option to lower, and where
     page.get_by_text("Read options").first.click()
-    page.fill("#read-options textarea", "min_tissue=0.99")
+    page.fill("#read-options input", "min_tissue=0.99")
     page.set_input_files("#upload input[type=file]", str(fixtures_dir() / "wsi" / "small.svs"))
     page.wait_for_function("document.querySelector('#upload-status').innerText.includes("
                            "'Could not read')", timeout=180_000)
     assert "min_tissue (in the 'Read options')" in page.inner_text("#upload-status")
     assert "min_tissue=0.25" in page.inner_text("#read-options-help")
-    page.fill("#read-options textarea", "min_tissue=0.01")
-    page.press("#read-options textarea", "Enter")
+    page.fill("#read-options input", "min_tissue=0.01")
+    page.press("#read-options input", "Enter")
     page.wait_for_selector("#gallery img", timeout=180_000)
     assert "wsi" in page.inner_text("#upload-status")
     path = screenshot_dir() / "demo-frictions.png"
@@ -323,6 +319,12 @@ def test_train_then_evaluate_the_adapter(tiny_server, browser_context, tmp_path)
 
     names = zipfile.ZipFile(saved).namelist()
     assert "adapter_config.json" in names and "adapter_model.safetensors" in names
+    # the fine-tuned model answers beside the base one
+    page.fill("#compare-question textarea", "What is a fracture?")
+    page.click("#compare-ask")
+    page.wait_for_function("document.querySelector('#compare-tuned textarea').value.length > 0",
+                           timeout=300_000)
+    assert page.input_value("#compare-base textarea") is not None
     page.screenshot(path=str(screenshot_dir() / "demo-train.png"), full_page=True)
 
     # Evaluate the adapter just trained: the chart and the per-item table appear

@@ -46,9 +46,9 @@ def test_items_and_headline_from_an_eval_run(tmp_path):
     (tmp_path / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
     table = items_table(tmp_path)
     assert table.to_dict("records") == [
-        {"id": "23", "question": "Which organism?\nA. x\nB. y\nAnswer:", "answer": "B",
+        {"id": "23", "question": "Which organism? A. x B. y Answer:", "answer": "B",
          "gold": "B", "correct": True},
-        {"id": "24", "question": "Which drug?\nAnswer:", "answer": "A", "gold": "C",
+        {"id": "24", "question": "Which drug? Answer:", "answer": "A", "gold": "C",
          "correct": False}]
     summary = {"headline": "accuracy",
                "metrics": {"accuracy": {"value": 0.5, "ci95": [0.0, 1.0]}}}

@@ -171,8 +171,10 @@ def _chat_tab(service: ChatService, config: DemoConfig) -> None:
                                   label="Read as", elem_id="read-as",
                                   info="auto: the data plugins detect the modality")
             with gr.Accordion("Read options", open=False, elem_id="read-options-box"):
-                read_opts = gr.Textbox(label="Read options (key=value, one per line)", lines=2,
-                                       placeholder="min_tissue=0.1", elem_id="read-options")
+                read_opts = gr.Textbox(label="Read options (key=value, comma-separated; Enter "
+                                             "reads the upload again)", lines=1, max_lines=1,
+                                       placeholder="min_tissue=0.1, windows=serving",
+                                       elem_id="read-options")
                 opts_help = gr.Markdown(options_markdown(None), elem_id="read-options-help")
             upload_status = gr.Markdown(elem_id="upload-status")
             gallery = gr.Gallery(label="What the model sees", columns=3, height=360,
@@ -299,7 +301,7 @@ def build_app(config: DemoConfig = DemoConfig(), *, loader: Loader[ChatModel] | 
     service = ChatService(loader, max_upload_mb=config.max_upload_mb,
                           checkpoint=config.checkpoint, prompt_mode=config.prompt_mode,
                           max_batch=config.max_batch, window_s=config.batch_window_ms / 1000,
-                          command=command)
+                          command=command, queue_size=config.queue_size)
 
     runs = Runs(config.runs_dir, config.checkpoint)
     # Uploaded files (and gallery images) older than an hour leave Gradio's cache, hourly.

@@ -80,7 +80,8 @@ class ChatService:
 
     def __init__(self, loader: Loader[ChatModel], *, max_upload_mb: int = 1024,
                  checkpoint: str | None = None, prompt_mode: str = "auto", max_batch: int = 8,
-                 window_s: float = 0.05, command: str = "medgemma-demo"):
+                 window_s: float = 0.05, command: str = "medgemma-demo",
+                 queue_size: int | None = None):
         if prompt_mode not in ("auto", CHAT, BASE):
             raise ValueError(f"prompt_mode {prompt_mode!r}: choose auto, chat or base")
         self.loader = loader
@@ -88,6 +89,7 @@ class ChatService:
         self.checkpoint = checkpoint
         self.prompt_mode = prompt_mode
         self.command = command
+        self.queue_size = queue_size
         self._rows: dict[str, Row] = {}
         self._busy: set[str] = set()
         self._lock = threading.Lock()
@@ -152,8 +154,9 @@ class ChatService:
         b = self.batcher
         return (f"**Ready:** {model.name} ({kind}, loaded in {ld.ready_after:.0f} s). "
                 f"Prompt: {how}.  \nServing: up to {b.max_batch} questions decoded together "
-                f"(batch window {b.window_s * 1000:.0f} ms); {b.waiting} waiting, "
-                f"{b.running} in the running batch.")
+                f"(batch window {b.window_s * 1000:.0f} ms"
+                + (f", queue of at most {self.queue_size} requests" if self.queue_size else "")
+                + f"); {b.waiting} waiting, {b.running} in the running batch.")
 
     # ---- stop ------------------------------------------------------------------------------
     def request_stop(self, request: gr.Request) -> None:

@@ -236,7 +236,8 @@ def items_table(folder: Path) -> pd.DataFrame:
             continue
         prompt = str(r.get("prompt") or r.get("question") or "")
         q = prompt.rsplit("Question:", 1)[-1].strip() if "Question:" in prompt else prompt
-        rows.append({"id": str(r.get("id")), "question": q[:300],
+        q = " ".join(q.split())
+        rows.append({"id": str(r.get("id")), "question": q if len(q) <= 160 else q[:157] + "...",
                      "answer": str(r.get("parsed") if r.get("parsed") is not None else ""),
                      "gold": str(r.get("gold")), "correct": bool(r.get("correct"))})
     return pd.DataFrame(rows, columns=["id", "question", "answer", "gold", "correct"])
@@ -269,7 +270,8 @@ def evaluate_tab(service: Any, config: Any, runs: Runs) -> None:
                                y_lim=[0, 1], label="Accuracy (all runs so far)", height=260,
                                elem_id="eval-chart")
     table = gr.Dataframe(items_table(Path("/nonexistent")), wrap=True, interactive=False,
-                         elem_id="eval-items", label="Items")
+                         elem_id="eval-items", label="Items",
+                         column_widths=["8%", "62%", "10%", "10%", "10%"])
     timer = gr.Timer(1.0, active=False)
     state = gr.State({})
 
