@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from medgemma_demo.batching import CANCELLED, LENGTH, STOP, Batcher, Request
+from medgemma_demo.batching import CANCELLED, LENGTH, STOP, Batcher, Request, RowError
 from medgemma_demo.chat import ChatService
 from medgemma_demo.host import Loader
 from medgemma_demo.prompting import BASE_STOPS, Turn, base_prompt, cut_at_stop
@@ -143,3 +143,13 @@ def test_rows_of_other_settings_wait_for_their_own_batch_and_stops_cut_the_text(
     assert b.text(10) == "gamma delta" and d.text(10) == "e" * 20
     assert c.text(10) == "other settings"
     assert backend.batches == [3, 1]  # max_batch is the backend's 4; c ran alone
+
+
+def test_a_model_that_failed_to_load_fails_each_request_in_one_line():
+    def boom():
+        raise FileNotFoundError("no config.json in /x")
+
+    service = ChatService(Loader(boom).start(), prompt_mode="chat")
+    row = service.batcher.submit(Request([{"role": "user", "content": "hi"}], 4, None))
+    with pytest.raises(RowError, match=r"^the model is not available: no config.json in /x$"):
+        row.text(30)

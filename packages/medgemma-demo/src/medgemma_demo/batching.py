@@ -251,7 +251,8 @@ class Batcher:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    message = getattr(exc, "message", None)  # gradio.Error keeps its text there
+    text = (message if isinstance(message, str) else str(exc)).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
