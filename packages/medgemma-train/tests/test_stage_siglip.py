@@ -266,6 +266,12 @@ def test_export_loads_in_transformers_at_another_resolution(tiny, tmp_path):
 
     from medgemma_train.engine.commands import export_checkpoint
 
+    # the temperature and bias start as the checkpoint's and are learned
+    start = load_file(ck / "model.safetensors")
+    for name in ("logit_scale", "logit_bias"):
+        moved = float(np.abs(getattr(hf, name).detach().numpy() - start[name]).max())
+        assert 1e-4 < moved < 0.05, (name, moved)  # one update at lr 1e-2 after warmup
+
     again = export_checkpoint(tmp_path / "run", "hf", tmp_path / "again")
     assert again["step"] == 2
     a, b = load_file(folder / "model.safetensors"), load_file(tmp_path / "again" /
