@@ -92,5 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # python -m: run the imported module's main, whose UsageError
+    from medgemma_train.cli import main as _main  # is the one the commands raise
+
+    raise SystemExit(_main())
