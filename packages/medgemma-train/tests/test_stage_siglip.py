@@ -362,3 +362,23 @@ def test_command_plans_the_mixture_and_names_bad_rows(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{bad}:2: empty caption" in err[0] and "(and 1 more)" in err[0]
     assert "--skip-bad" in err[0]
+
+
+@pytest.mark.slow
+def test_four_devices_same_loss_curve_as_one(tiny, tmp_path):
+    """``medgemma-train siglip`` on 4 fake CPU devices (data=2,fsdp=2: the loss round the
+    ring) gives one device's training and validation losses within 1e-5 (measured: 1e-6)."""
+    from train_fixtures import run_cli
+
+    root, ck, train_m = tiny
+    args = ["siglip", "--checkpoint", str(ck), "--data", str(train_m), "--eval-data",
+            str(train_m), "--max-steps", "3", "--batch-size", "16", "--lr", "1e-3",
+            "--eval-every", "2", "--no-progress", "--set", "siglip.export=false"]
+    run_cli([*args, "--out", str(tmp_path / "one")])
+    run_cli([*args, "--out", str(tmp_path / "four"), "--mesh", "data=2,fsdp=2"],
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    for split, key in (("train", "loss"), ("eval", "eval_loss")):
+        one = [r[key] for r in metrics(tmp_path / "one", split)]
+        four = [r[key] for r in metrics(tmp_path / "four", split)]
+        assert len(one) == (3 if split == "train" else 2)
+        np.testing.assert_allclose(four, one, atol=1e-5)
