@@ -7,10 +7,12 @@ Starts ``medgemma-demo`` (the embedded Gemma 3 270M) on localhost twice: batched
 ``--url`` (then only that server). Each user is its own gradio_client session asking one
 question through ``/chat``: half type a text question, half upload a QA fixture (its first
 question, read by the data plugins). First every question is asked alone (the single-user
-answers); then for each user count all users start together. Checks: every request is
-answered, none lost or mixed (each answer equals its own question's single-user answer,
-greedy). Prints one JSON object: p50 / p95 latency and throughput per user count and server,
-the time of 8 users over 1 (target: within 1.5x), mismatches, and the load average.
+answers); then for each user count all users start together, twice: "cold" (the first
+time a batch shape is seen, XLA compiles it, inside the measured time) and "warm". Also 8
+users asking text questions only (the target: within 1.5x the time of one). Checks: every
+request is answered, none lost or mixed (each answer equals its own question's single-user
+answer, greedy). Prints one JSON object: p50 / p95 latency and throughput per user count,
+pass and server, the ratios, mismatches, and the load average.
 """
 
 from __future__ import annotations
@@ -77,11 +79,13 @@ def wait_ready(url: str, timeout: float = 1800) -> float:
     return time.monotonic() - start
 
 
-def jobs(n: int, fixtures: Path) -> list[tuple[str, str | None]]:
+def jobs(n: int, fixtures: Path, text_only: bool = False) -> list[tuple[str, str | None]]:
     """n requests: (message, file or None); even ones text, odd ones a QA file upload."""
     out = []
     for k in range(n):
-        if k % 2 == 0:
+        if text_only:
+            out.append((QUESTIONS[k % len(QUESTIONS)], None))
+        elif k % 2 == 0:
             out.append((QUESTIONS[(k // 2) % len(QUESTIONS)], None))
         else:
             out.append(("Answer this question.", str(fixtures / "qa" / QA_FILES[(k // 2) % 4])))
@@ -101,8 +105,9 @@ def ask(url: str, job: tuple[str, str | None]) -> tuple[str, float]:
     return answer, time.monotonic() - start
 
 
-def run_users(url: str, n: int, fixtures: Path, reference: dict) -> dict:
-    todo = jobs(n, fixtures)
+def run_users(url: str, n: int, fixtures: Path, reference: dict, text_only: bool = False
+              ) -> dict:
+    todo = jobs(n, fixtures, text_only)
     results: list[tuple[str, float] | BaseException | None] = [None] * n
     barrier = threading.Barrier(n)
 
@@ -132,18 +137,36 @@ def run_users(url: str, n: int, fixtures: Path, reference: dict) -> dict:
             return None
         return round(latencies[min(len(latencies) - 1, int(round(p * (len(latencies) - 1))))], 2)
 
-    return {"users": n, "answered": len(answered), "errors": errors[:5],
+    return {"users": n, "text_only": text_only, "answered": len(answered), "errors": errors[:5],
             "mismatched": mismatched, "wall_s": round(wall, 2), "p50_s": pct(0.5),
             "p95_s": pct(0.95), "throughput_rps": round(len(answered) / wall, 3)}
 
 
 def bench(url: str, users: list[int], fixtures: Path) -> dict:
     ready_s = wait_ready(url)
+    log(f"first answer after {ready_s:.0f} s")
     reference = {}
-    for job in {j for n in users for j in jobs(n, fixtures)}:
+    for job in sorted({j for n in [*users, 8] for t in (False, True)
+                       for j in jobs(n, fixtures, t)}, key=str):
         reference[job] = ask(url, job)[0]  # alone: the single-user answer
-    runs = [run_users(url, n, fixtures, reference) for n in users]
-    return {"first_answer_s": round(ready_s, 1), "runs": runs}
+    log(f"{len(reference)} single-user answers")
+    out: dict = {"first_answer_s": round(ready_s, 1)}
+    for name in ("cold", "warm"):
+        runs = [run_users(url, n, fixtures, reference) for n in users]
+        runs += [run_users(url, 8, fixtures, reference, text_only=True),
+                 run_users(url, 1, fixtures, reference, text_only=True)]
+        log(f"{name}: " + ", ".join(f"{r['users']}{'t' if r['text_only'] else ''} users "
+                                   f"{r['wall_s']} s" for r in runs))
+        out[name] = runs
+    by = {(r["users"], r["text_only"]): r for r in out["warm"]}
+    if (1, False) in by and (8, False) in by:
+        out["ratio_8_vs_1"] = round(by[8, False]["wall_s"] / by[1, False]["wall_s"], 2)
+    out["ratio_8_vs_1_text"] = round(by[8, True]["wall_s"] / by[1, True]["wall_s"], 2)
+    return out
+
+
+def log(message: str) -> None:
+    print(f"[demo_load {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -163,6 +186,7 @@ def main() -> None:
         if url is None:
             proc, url = start_demo(max_batch, args.max_new_tokens)
         try:
+            log(f"{name}: {url}")
             out[name] = bench(url, args.users, fixtures)
         finally:
             if proc is not None:
@@ -171,11 +195,8 @@ def main() -> None:
                     proc.wait(60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        by_users = {r["users"]: r for r in out[name]["runs"]}
-        if 1 in by_users and 8 in by_users:
-            out[name]["ratio_8_vs_1"] = round(by_users[8]["wall_s"] / by_users[1]["wall_s"], 2)
     out["ok"] = all(r["answered"] == r["users"] and not r["mismatched"]
-                    for k, _ in kinds for r in out[k]["runs"])
+                    for k, _ in kinds for p in ("cold", "warm") for r in out[k][p])
     out["loadavg"] = os.getloadavg()
     print(json.dumps(out, indent=2))
 

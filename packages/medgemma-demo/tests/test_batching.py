@@ -131,6 +131,15 @@ class _Echo:
         yield [("", STOP) for _ in texts]
 
 
+def test_prompts_of_other_lengths_go_in_other_batches(tiny):
+    service = ChatService(Loader.ready(tiny), prompt_mode="chat", max_batch=8, window_s=0.5)
+    short, long_ = Turn("Hi?", 0), Turn("Explain the heart. " * 40, 0)
+    rows = _submit_together(service, [short, long_, short], 4)
+    for r in rows:
+        r.text(300)
+    assert [r.batch_size for r in rows] == [2, 1, 2]  # a 32-token bucket and a 256-token one
+
+
 def test_rows_of_other_settings_wait_for_their_own_batch_and_stops_cut_the_text():
     backend = _Echo()
     batcher = Batcher(lambda: backend, max_batch=8, window_s=0.3)

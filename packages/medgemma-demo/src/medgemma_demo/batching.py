@@ -4,7 +4,9 @@ A :class:`Batcher` owns one worker thread. :meth:`Batcher.submit` queues a :clas
 and returns its :class:`Row` at once; the worker collects up to ``max_batch`` requests with
 the same sampling settings, waiting at most ``window_s`` after the first, and runs them as
 one batch on the :class:`Backend` (for medgemma-core: one compiled prefill and decode loop
-over all rows). Each row's text streams to its own :class:`Row` as it is produced; cancelling
+over all rows). A backend may also sort requests into groups (``group``: medgemma-core's
+prompt-length bucket), so that a short question is not padded to a long one's length: rows of
+a batch share their group. Each row's text streams to its own :class:`Row` as it is produced; cancelling
 a row (Stop) ends that row only, and the batch ends when every row has ended. A request that
 arrives while a batch runs waits for the next one (no continuous batching: the engine's rows
 share one cache layout from the prefill on).
@@ -49,6 +51,8 @@ class Backend(Protocol):
 
     def run(self, requests: Sequence[Request]) -> Iterator[list[tuple[str, str | None]]]: ...
 
+    # optional: ``group(request) -> hashable``; only requests of one group share a batch
+
 
 class RowError(RuntimeError):
     """The request failed; the message is one line for the page."""
@@ -67,6 +71,7 @@ class Row:
         self._cancel = threading.Event()
         self._text = ""      # produced, stop strings not yet ruled out
         self._sent = 0       # characters of _text already queued
+        self._key: Any = None
 
     # ---- consumer side --------------------------------------------------------------------
     def cancel(self) -> None:
@@ -170,7 +175,8 @@ class Batcher:
         except Exception:
             limit = 1
         batch = [first]
-        same = [r for r in self._held if r.request.sampling == first.request.sampling]
+        key = self._key(first)
+        same = [r for r in self._held if self._key(r) == key]
         for r in same[:limit - 1]:
             self._held.remove(r)
             batch.append(r)
@@ -182,11 +188,24 @@ class Batcher:
                     self._queue.get_nowait()
             except queue.Empty:
                 break
-            if row.request.sampling == first.request.sampling:
+            if self._key(row) == key:
                 batch.append(row)
             else:
                 self._held.append(row)
         return batch
+
+    def _key(self, row: Row) -> Any:
+        """What rows of one batch share: the sampling settings and the backend's group."""
+        if row._key is None:
+            group = None
+            try:
+                backend = self._backend()
+                if hasattr(backend, "group"):
+                    group = backend.group(row.request)
+            except Exception:  # a bad prompt fails later, in its own batch
+                group = ("error", id(row))
+            row._key = (row.request.sampling, group)
+        return row._key
 
     def _work(self) -> None:
         while True:
@@ -268,6 +287,16 @@ class CoreBackend:
         self.mode = mode
         self.max_batch = max_batch
         self.chunk = chunk
+
+    def group(self, request: Request) -> int:
+        """The prompt-length bucket (text-only prompts; image-text ones share one group)."""
+        from medgemma_core.generate import bucket
+
+        if self.mode == BASE:
+            return bucket(len(self.model.tokenizer.encode(request.prompt, add_bos=True)))
+        if self.model.is_multimodal:
+            return 0
+        return bucket(len(self.model.encode_chat(request.prompt)))
 
     def prompts(self, requests: Sequence[Request]) -> Any:
         from medgemma_core import Prompts
