@@ -1,13 +1,16 @@
 """Decode and prefill throughput on the real Gemma 3 270M weights: medgemma-core vs transformers.
 
 Both load the same GGUF file (float32), run on the CPU with the same thread count, and get
-the same token ids. Decode tokens/s is marginal (prompt excluded): (N - 1) generated tokens
+the same token ids. ``--quantize int8 [int8-g32 ...]`` adds medgemma-core rows with int8
+weights (``load_decoder(..., quantize=...)``); each variant then runs in its own process, one
+after the other, and reports its peak RSS (VmHWM) as well. Decode tokens/s is marginal (prompt excluded): (N - 1) generated tokens
 per row over the time of the decode loop alone; for transformers the time of generate(N)
 minus generate(1). Compile time (ours) is reported separately, and the process CPU seconds
 per decode step (less sensitive than wall time to other work on a shared machine).
 Prints one JSON object.
 
     python benchmarks/decode.py [--new-tokens 64] [--batches 1 8] [--prefill 256]
+                                [--quantize int8 int8-g32]
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ def _time(fn, repeat=3, cpu=False):
     return best if cpu else best[0]
 
 
-def ours(path, prompt_ids, batches, new_tokens, prefill_len):
+def ours(path, prompt_ids, batches, new_tokens, prefill_len, quantize=None):
     import jax
 
     from medgemma_core import Engine, Sampling, load_decoder
 
     t = time.perf_counter()
-    engine = Engine(load_decoder(path), stop_ids=())
+    engine = Engine(load_decoder(path, quantize=quantize), stop_ids=())
     load_s = time.perf_counter() - t
     out = {"load_s": round(load_s, 2), "decode": {}, "decode_cpu_s_per_step": {},
            "compile_s": {}}
@@ -105,6 +108,38 @@ def reference(path, prompt_ids, batches, new_tokens, prefill_len):
     return out
 
 
+def _peak_rss_mb() -> float | None:
+    if not os.path.exists("/proc/self/status"):
+        return None
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def _child(variant: str, args) -> dict:
+    """One variant in a fresh process (its own peak RSS): ours-float32, ours-int8, reference."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--only", variant, "--new-tokens", str(args.new_tokens),
+           "--prefill", str(args.prefill), "--threads", str(args.threads), "--batches",
+           *map(str, args.batches)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out[out.index("{"):])
+
+
+def _one(variant: str, path, prompt, args) -> dict:
+    if variant == "reference":
+        out = reference(path, prompt, args.batches, args.new_tokens, args.prefill)
+    else:
+        mode = variant.removeprefix("ours-")
+        out = ours(path, prompt, args.batches, args.new_tokens, args.prefill,
+                   None if mode == "float32" else mode)
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -112,6 +147,10 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--quantize", nargs="*", default=[], choices=["int8", "int8-g32"],
+                    help="also measure medgemma-core with int8 weights (each variant in its "
+                         "own process, with its peak RSS)")
+    ap.add_argument("--only", help=argparse.SUPPRESS)  # internal: one variant, in a child
     args = ap.parse_args()
 
     import torch
@@ -124,6 +163,35 @@ def main() -> None:
     tok = Tokenizer.from_checkpoint(path)
     prompt = tok.encode("A 54-year-old man presents with chest pain radiating to the left arm. "
                         "The most likely diagnosis is", add_bos=True)
+    if args.only:
+        print(json.dumps(_one(args.only, path, prompt, args)))
+        return
+    if args.quantize:  # every variant in its own process, one after the other
+        result = {
+            "model": "gemma-3-270m (GGUF Q4_K_M dequantized to float32; int8 rows quantize "
+                     "those float32 weights)",
+            "machine": {"cpus": os.cpu_count(), "threads": args.threads,
+                        "processor": platform.processor() or platform.machine()},
+            "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
+            "load_average_before": open("/proc/loadavg").read().split()[:3]
+            if os.path.exists("/proc/loadavg") else None,
+        }
+        variants = ["ours-float32", *(f"ours-{m}" for m in args.quantize)]
+        if not args.skip_reference:
+            variants.append("reference")
+        for v in variants:
+            key = "transformers" if v == "reference" else v.replace("ours-", "medgemma_core_")
+            result[key] = _child(v, args)
+        if not args.skip_reference:
+            r = result["transformers"]
+            result["speedup_vs_transformers"] = {
+                key: {b: round(result[key]["decode"][b] / r["decode"][b], 2)
+                      for b in result[key]["decode"]}
+                for key in result if key.startswith("medgemma_core_")}
+        if os.path.exists("/proc/loadavg"):
+            result["load_average_after"] = open("/proc/loadavg").read().split()[:3]
+        print(json.dumps(result, indent=1))
+        return
     result = {
         "model": "gemma-3-270m (GGUF Q4_K_M dequantized to float32)",
         "machine": {"cpus": os.cpu_count(), "threads": args.threads,

@@ -172,13 +172,13 @@ def test_compiled_decode_step_holds_no_float32_copy_of_a_weight(chunk, monkeypat
     shapes = {tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
               if path[-1] == "values"}
     assert (8192, 256) in shapes and (256, 1024) in shapes
-    graphdef, state = nnx.split(model)
-    cache = KVCache.create(cfg, 1, 32, jnp.zeros((1,), jnp.int32))
+    from medgemma_core import Engine, Sampling
 
-    def step(state, tok, cache):
-        return nnx.merge(graphdef, state)(tok, cache=cache)[0]
-
-    compiled = jax.jit(step).lower(state, jnp.zeros((1, 1), jnp.int32), cache).compile()
+    engine = Engine(model, stop_ids=())  # the compiled decode loop itself
+    st = engine.start([[2, 5, 7]], max_new_tokens=8, sampling=Sampling(), ignore_eos=True)
+    compiled = Engine._decode.lower(
+        engine, engine.state, st.carry, jnp.int32(8), st.key, st.temperature, st.top_p,
+        skey=st.sampling.static_key(), stops=st.stops).compile()
     hlo = compiled.as_text()
     if jax.default_backend() == "cpu":  # elsewhere XLA fuses the conversion into the dot
         big = {s for s in shapes if np.prod(s) * 4 > chunk}

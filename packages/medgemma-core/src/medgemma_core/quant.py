@@ -242,6 +242,15 @@ def _chunks(rows: int, row_bytes: int, step: int = 1) -> int:
     return rows
 
 
+def _pin(x, w):
+    """On the CPU, ``w`` (a chunk) cannot be read or converted before ``x`` exists (an
+    optimization barrier, as ``layers.pin_to``): XLA cannot convert chunks ahead of their
+    products, nor hoist the conversions out of the decode loop."""
+    if jax.default_backend() != "cpu":
+        return x, w
+    return jax.lax.optimization_barrier((x, w))
+
+
 def _split_spec(spec: str) -> tuple[str, str, str]:
     ins, out = spec.replace(" ", "").split("->")
     xs, ws = ins.split(",")
@@ -270,14 +279,15 @@ def dot(x: jax.Array, w: QArray, spec: str) -> jax.Array:
     cdt = x.dtype
 
     def part(xc, vc, sc):
+        xc, vc = _pin(xc, vc)
         wc = _dequant(vc, sc, w.in_axes, w.group, cdt, per_channel=False)
         return jnp.einsum(spec, xc, wc, preferred_element_type=jnp.float32)
 
     gs = w.scale if w.group else None
+    srows = r * inner // w.group if w.group else r  # scale rows per chunk
     if r == rows:
         acc = part(x, vals, gs)
     else:
-        srows = r * inner // w.group if w.group else r  # scale rows per chunk
 
         def body(i, acc):
             xc = jax.lax.dynamic_slice_in_dim(x, i * r, r, ix)
@@ -313,6 +323,7 @@ def logits(h: jax.Array, table: QArray) -> jax.Array:
     r = _chunks(v, d * 4)
 
     def part(vc, sc):
+        _, vc = _pin(h, vc)
         wc = _dequant(vc, sc, (1,), table.group, cdt, per_channel=False)
         out = jnp.einsum("...d,vd->...v", h, wc, preferred_element_type=jnp.float32)
         return out if table.group else out * sc.reshape(-1)
