@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--skip-steps", action="store_true", help="only the rollout comparison")
+    ap.add_argument("--skip-rollout", action="store_true", help="only the RL step time split")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "medgemma-train-bench"))
     ap.add_argument("--checkpoint", default="", help="another model (default: the real 270M)")
     a = ap.parse_args()
@@ -157,11 +158,13 @@ def main() -> None:
               "load_avg_start": os.getloadavg(),
               "settings": {"prompts": a.prompts, "group": a.group, "new_tokens": a.new,
                            "rows": a.prompts * a.group, "dtype": "float32"}}
-    mine, ids = ours_rollout(gguf, rows, a)
-    result["prompt_tokens"] = [len(r) for r in ids[::a.group]]
-    peer = theirs_rollout(_hf_folder(gguf, cache), ids, a)
-    result["rollout"] = {"medgemma_rl": mine, "transformers_generate": peer,
-                         "speedup": mine["tokens_per_s"] / peer["tokens_per_s"]}
+    if not a.skip_rollout:
+        mine, ids = ours_rollout(gguf, rows, a)
+        result["prompt_tokens"] = [len(r) for r in ids[::a.group]]
+        peer = theirs_rollout(_hf_folder(gguf, cache), ids, a)
+        result["rollout"] = {"medgemma_rl": mine, "transformers_generate": peer,
+                             "speedup": mine["tokens_per_s"] / peer["tokens_per_s"]}
+        print(json.dumps({"rollout": result["rollout"]}), file=sys.stderr, flush=True)
     if not a.skip_steps:
         with tempfile.TemporaryDirectory() as d:
             data = Path(d) / "prompts.jsonl"

@@ -132,7 +132,7 @@ def test_loss_counts_answer_tokens_only(pair):
 
 def test_offline_top_k_equals_online(pair, tmp_path, capsys):
     """``teacher-logits`` with k = V, read back through grain, gives the online loss within
-    1e-6 (per token); a short offline run trains through the engine's pipeline."""
+    1e-6 (per token)."""
     from medgemma_train.cli import main
     from medgemma_train.engine.data import read_source
     from medgemma_train.engine.distill import _Encoder
@@ -168,9 +168,25 @@ def test_offline_top_k_equals_online(pair, tmp_path, capsys):
     print(f"online {on:.9f} offline {offl:.9f} per token over {n_on} tokens")
     assert n_on == n_off and abs(on - offl) <= 1e-6, (on, offl)
 
-    out = train(dataclasses.replace(cfg_off, run=dataclasses.replace(
-        cfg_off.run, max_steps=2, out=str(tmp_path / "offrun"))), get_stage("distill"))
-    assert out["steps"] == 2 and np.isfinite(out["final_train_loss"])
+
+@pytest.mark.slow  # a teacher-logits run and a distill run (two more compiles)
+def test_offline_run_trains_through_the_pipeline(pair, tmp_path, capsys):
+    """top-k 16 in float16 (16 * 6 bytes per token), read back by the engine's pipeline: the
+    offline run's training loss falls."""
+    from medgemma_train.cli import main
+
+    root, student, teacher = pair
+    data = write_jsonl(tmp_path / "off.jsonl", chat_rows(32, seed=4))
+    logits = tmp_path / "logits16"
+    assert main(["teacher-logits", "--teacher", str(teacher), "--data", str(data),
+                 "--seq-len", "32", "--set", "data.mask_prompt=true", "--top-k", "16",
+                 "--logits-dtype", "float16", "--json", str(logits)]) == 0
+    meta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert meta["bytes_per_token"] == 16 * 6
+    cfg = _cfg(tmp_path, student, "", data, alpha=1.0, logits=str(logits))
+    out = train(dataclasses.replace(cfg, run=dataclasses.replace(
+        cfg.run, max_steps=12, out=str(tmp_path / "offrun"))), get_stage("distill"))
+    assert out["steps"] == 12 and out["final_train_loss"] < out["first_train_loss"]
 
 
 @pytest.mark.slow  # about a minute on the shared CPU: several generation compiles
@@ -195,3 +211,25 @@ def test_teacher_generate_writes_the_corpus(pair, tmp_path, capsys):
         assert got["reference"] == row["messages"][-1]["content"]
         one = model.chat_completion(row["messages"][:-1], max_new_tokens=6)
         assert got["messages"][-1] == {"role": "assistant", "content": one.text}
+
+
+@pytest.mark.slow  # two command runs in fresh processes
+def test_distill_on_eight_devices_same_loss_curve(pair, tmp_path):
+    """Student and online teacher sharded by the rules on 8 fake CPU devices
+    (data=2,fsdp=2,tensor=2) give one device's loss curve within 1e-5."""
+    from train_fixtures import metrics, run_cli
+
+    root, student, teacher = pair
+    data = write_jsonl(tmp_path / "s.jsonl", chat_rows(32, seed=2))
+    curves = []
+    for name, extra, env in (("one", [], {}), ("eight", ["--mesh", "data=2,fsdp=2,tensor=2"],
+                                                {"XLA_FLAGS": "--xla_force_host_platform_"
+                                                              "device_count=8"})):
+        run_cli(["distill", "--checkpoint", str(student), "--data", str(data), "--out",
+                 str(tmp_path / name), "--batch-size", "8", "--seq-len", "24",
+                 "--lora-rank", "4", "--lr", "1e-2", "--max-steps", "4", "--no-progress",
+                 "--set", f"distill.teacher={teacher}", "--set", "distill.alpha=0.7",
+                 "--set", "run.save_every=0", "--set", "run.keep_best=0", *extra], env=env)
+        curves.append([r["loss"] for r in metrics(tmp_path / name)])
+    assert len(curves[0]) == 4 and curves[0][-1] < curves[0][0]
+    np.testing.assert_allclose(curves[1], curves[0], atol=1e-5)

@@ -44,7 +44,8 @@ def test_grpo_loss_by_hand():
     ref = jnp.array([[-1.1, -2.5, 0.0], [-0.4, 0.0, 0.0]])
     mask = jnp.array([[1, 1, 0], [1, 0, 0]])
     adv = jnp.array([1.0, -2.0])
-    loss, m = grpo_loss(logp, old, ref, adv, mask, epsilon=0.2, beta=jnp.float32(0.1))
+    fn = jax.jit(grpo_loss, static_argnames=("epsilon",))  # one compile, not one per op
+    loss, m = fn(logp, old, ref, adv, mask, epsilon=0.2, beta=jnp.float32(0.1))
 
     def tok(lp, o, rf, a):
         ratio = np.exp(lp - o)
