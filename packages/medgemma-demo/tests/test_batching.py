@@ -132,12 +132,21 @@ class _Echo:
 
 
 def test_prompts_of_other_lengths_go_in_other_batches(tiny):
-    service = ChatService(Loader.ready(tiny), prompt_mode="chat", max_batch=8, window_s=0.5)
-    short, long_ = Turn("Hi?", 0), Turn("Explain the heart. " * 40, 0)
-    rows = _submit_together(service, [short, long_, short], 4)
-    for r in rows:
-        r.text(300)
-    assert [r.batch_size for r in rows] == [2, 1, 2]  # a 32-token bucket and a 256-token one
+    """medgemma-core's backend groups by prompt-length bucket; the batcher keeps groups apart."""
+    from medgemma_demo.batching import CoreBackend
+
+    core = CoreBackend(tiny, "chat")
+    short = Request([{"role": "user", "content": "Hi?"}], 4, None)
+    long_ = Request([{"role": "user", "content": "Explain the heart. " * 40}], 4, None)
+    assert (core.group(short), core.group(long_)) == (32, 256)  # prompt buckets
+
+    backend = _Echo()
+    backend.group = lambda r: len(r.prompt) > 10
+    batcher = Batcher(lambda: backend, max_batch=8, window_s=0.3)
+    rows = [batcher.submit(Request(t, 8, "greedy")) for t in ("short", "a longer one", "tiny")]
+    backend.gate.set()
+    assert [r.text(10) for r in rows] == ["short", "a longer one", "tiny"]
+    assert [r.batch_size for r in rows] == [2, 1, 2] and backend.batches == [2, 1]
 
 
 def test_rows_of_other_settings_wait_for_their_own_batch_and_stops_cut_the_text():
