@@ -275,6 +275,7 @@ def _peak(*argv) -> int:
     return got["peak"] - got["before"]
 
 
+@pytest.mark.slow  # two fresh processes loading a 70 MB file
 def test_q8_0_load_never_holds_a_float32_copy(tmp_path):
     """Peak RSS of a load in a fresh process: a Q8_0 file with a 64 MB (int8) embedding."""
     cfg = Gemma3Config.tiny(vocab_size=131072, hidden_size=512, intermediate_size=64,
@@ -315,7 +316,7 @@ def test_quantized_orbax_folder_loads_quantized(tmp_path):
     save_decoder(float_model(tensors), tmp_path / "f")
     size = {k: sum(f.stat().st_size for f in (tmp_path / k).rglob("*") if f.is_file())
             for k in "qf"}
-    assert size["q"] < 0.4 * size["f"], size
+    assert size["q"] < 0.5 * size["f"], size  # int8 + scales (+ Orbax metadata) vs float32
 
 
 def test_every_command_takes_quantize():
