@@ -360,6 +360,18 @@ def test_command_plans_the_mixture_and_names_bad_rows(tiny, tmp_path, capsys):
     assert plan["stage"] == "siglip" and plan["rows_per_step"] == 32
     assert [(m["kind"], m["weight"], m["rows"]) for m in plan["mixture"]] == [
         ("caption", 0.98, 64), ("caption", 0.02, 8)]
+    # no weights given: the report's 98:2 is the default for the sources named medical*
+    assert main(["siglip", "--checkpoint", str(ck), "--out", str(tmp_path / "run2"),
+                 "--data", str(train_m), "--data", str(medical), "--set",
+                 "siglip.resolution=48", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(m["name"], m["weight"]) for m in plan["mixture"]] == [
+        (plan["mixture"][0]["name"], 0.98), ("medical", 0.02)]
+    assert main(["siglip", "--checkpoint", str(ck), "--out", str(tmp_path / "run3"),
+                 "--data", str(train_m), "--data", str(medical), "--set",
+                 "siglip.medical_share=0.5", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [m["weight"] for m in plan["mixture"]] == [0.5, 0.5]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"path": str(tmp_path / "m" / "0.png"), "caption": "grey dots"})

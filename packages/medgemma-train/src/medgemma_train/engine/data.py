@@ -281,3 +281,22 @@ def check_bad_rows(sources: Sequence[Source], *, skip_bad: bool) -> list[BadRow]
         if not s.examples:
             raise DataError(f"data source {s.name} ({s.path}) has no usable rows")
     return bad
+
+
+def medical_mixture(sources: list[Source], share: float) -> tuple[list[Source], bool]:
+    """The report's default mixture: when no source was given a weight (all 1.0) and some
+    sources are named ``medical...`` and some not, the medical ones together get ``share`` of
+    the draws (split evenly among them) and the rest ``1 - share``. Otherwise the sources
+    unchanged. Returns ``(sources, applied)``."""
+    import dataclasses as dc
+
+    medical = [s.name.lower().startswith("medical") for s in sources]
+    if not (0.0 < share < 1.0) or all(medical) or not any(medical) or any(
+            s.weight != 1.0 for s in sources):
+        return sources, False
+    n_med = sum(medical)
+    n_gen = len(sources) - n_med
+    out = [dc.replace(s, weight=share / n_med if m else (1.0 - share) / n_gen)
+           for s, m in zip(sources, medical, strict=True)]
+    return out, True
+

@@ -48,6 +48,8 @@ class PretrainSettings:
     eval_limit: int = 0
     eval_batch: int = 8
     max_new_tokens: int = 0
+    #: share of the draws for the sources named medical* when no weight is given (90:10)
+    medical_share: float = 0.10
 
     def __post_init__(self) -> None:
         if self.vision not in ("full", "frozen", "lora"):

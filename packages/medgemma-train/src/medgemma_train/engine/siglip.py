@@ -59,6 +59,8 @@ class SiglipSettings:
     export: bool = True
     image_cache: int = 4096
     eval_batch: int = 64
+    #: share of the draws for the sources named medical* when no weight is given (98:2)
+    medical_share: float = 0.02
 
 
 def _opts(cfg: Any) -> SiglipSettings:

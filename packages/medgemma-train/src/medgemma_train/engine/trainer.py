@@ -27,7 +27,7 @@ from flax import nnx
 
 from .checkpoint import Checkpoints
 from .config import RunConfig, to_dict
-from .data import DataError, check_bad_rows, read_source
+from .data import DataError, check_bad_rows, medical_mixture, read_source
 from .mesh import batch_sharding, build_mesh, initialize
 from .metrics import MetricsWriter, flops_per_token, peak_flops
 from .pipeline import Encoder, EvalPipeline, Pipeline, mixture_table
@@ -108,6 +108,12 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     read = custom.read if custom is not None and custom.read is not None else read_source
     train_sources = [read(s, i) for i, s in enumerate(cfg.data.train)]
     eval_sources = [read(s, i) for i, s in enumerate(cfg.data.eval)]
+    share = getattr(cfg.options, "medical_share", None)
+    if share is not None:
+        train_sources, mixed = medical_mixture(train_sources, float(share))
+        if mixed:
+            say(f"data mixture: the sources named medical* get {100 * share:g}% of the rows "
+                f"({cfg.stage}.medical_share; give data.train weights to choose others)")
     bad = check_bad_rows(train_sources + eval_sources, skip_bad=cfg.data.skip_bad)
     if bad:
         say(f"skipping {len(bad)} bad data row(s), first {bad[0]} (all in "
