@@ -71,70 +71,6 @@ def _summary(walls, cpus, tokens) -> dict:
             "cpu_s_per_step": round(statistics.median(cpus), 3)}
 
 
-# ---- a prototype loss (--loss fused) ---------------------------------------------------------
-def fused_next_token_loss(model, batch, *, chunk: int, remat: str):
-    """Prototype of a model-side change: the chunked cross entropy computing its gradients in the
-    forward pass (as Liger's fused linear cross entropy), so the backward pass does not recompute
-    the logits: the head costs 3 products per chunk instead of 4 (2 instead of 3 when the table is
-    frozen). (loss_sum, n_tokens) as medgemma_core.next_token_loss."""
-    import jax
-    import jax.numpy as jnp
-
-    from medgemma_core.training import forward_hidden
-
-    decoder = getattr(model, "decoder", model)
-    softcap = decoder.config.final_logit_softcapping
-    table = decoder.embedding[...]
-    h = forward_hidden(model, batch, remat=remat)
-    labels = jnp.asarray(batch.labels, jnp.int32)
-    hs, targets = h[:, :-1].reshape(-1, h.shape[-1]), labels[:, 1:].reshape(-1)
-    n, d = hs.shape
-    c = max(1, min(int(chunk), n))
-    pad = -n % c
-    hp = jnp.pad(hs, ((0, pad), (0, 0))).reshape(-1, c, d)
-    tp = jnp.pad(targets, (0, pad), constant_values=-100).reshape(-1, c)
-
-    def chunks(hp, w, tp, want_dw):
-        def body(carry, xs):
-            total, dw = carry
-            x, y = xs
-            raw = jnp.einsum("nd,vd->nv", x, w, preferred_element_type=jnp.float32)
-            logits = raw if softcap is None else jnp.tanh(raw / softcap) * softcap
-            lse = jax.nn.logsumexp(logits, axis=-1)
-            valid = y >= 0
-            yy = jnp.maximum(y, 0)
-            picked = jnp.take_along_axis(logits, yy[:, None], axis=-1)[:, 0]
-            total = total + jnp.sum(jnp.where(valid, lse - picked, 0.0))
-            g = jnp.exp(logits - lse[:, None])
-            g = g.at[jnp.arange(g.shape[0]), yy].add(-1.0) * valid[:, None]
-            if softcap is not None:
-                g = g * (1.0 - jnp.square(jnp.tanh(raw / softcap)))
-            g = g.astype(x.dtype)
-            dx = jnp.einsum("nv,vd->nd", g, w, preferred_element_type=jnp.float32)
-            if want_dw:
-                dw = dw + jnp.einsum("nv,nd->vd", g, x, preferred_element_type=jnp.float32)
-            return (total, dw), dx.astype(x.dtype)
-
-        dw0 = jnp.zeros(w.shape, jnp.float32) if want_dw else None
-        (total, dw), dx = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), (hp, tp))
-        return total, dx, dw
-
-    @jax.custom_vjp
-    def loss(hp, w, tp):
-        return chunks(hp, w, tp, False)[0]
-
-    def fwd(hp, w, tp):
-        total, dx, dw = chunks(hp.value, w.value, tp.value, w.perturbed)
-        return total, (dx, dw.astype(w.value.dtype) if dw is not None else None)
-
-    def bwd(res, g):
-        dx, dw = res
-        return (g * dx).astype(dx.dtype), None if dw is None else g * dw, None
-
-    loss.defvjp(fwd, bwd, symbolic_zeros=True)
-    return loss(hp, table, tp), jnp.sum(targets >= 0).astype(jnp.int32)
-
-
 # ---- ours ---------------------------------------------------------------------------------------
 def run_ours(args, path: str, tokens_np) -> dict:
     import gc
@@ -145,7 +81,7 @@ def run_ours(args, path: str, tokens_np) -> dict:
     from flax import nnx
 
     from medgemma_core import load_decoder, lora, next_token_loss
-    from medgemma_core.training import TrainBatch
+    from medgemma_core.training import TrainBatch, naive_next_token_loss
 
     if args.precision != "default":
         jax.config.update("jax_default_matmul_precision", args.precision)
@@ -166,11 +102,12 @@ def run_ours(args, path: str, tokens_np) -> dict:
     batch = TrainBatch(tokens=jnp.asarray(tokens_np), labels=jnp.asarray(tokens_np),
                        attention_mask=jnp.ones(tokens_np.shape, jnp.int32))
 
-    loss_impl = next_token_loss if args.loss == "chunked" else fused_next_token_loss
-
     def loss_fn(trainable, rest, batch):
-        total, n = loss_impl(nnx.merge(graphdef, trainable, rest), batch,
-                                   chunk=args.chunk, remat=args.remat)
+        model = nnx.merge(graphdef, trainable, rest)
+        if args.loss == "naive":
+            total, n = naive_next_token_loss(model, batch, remat=args.remat)
+        else:
+            total, n = next_token_loss(model, batch, chunk=args.chunk, remat=args.remat)
         return total / n
 
     def step(trainable, opt_state, rest, batch):
@@ -311,8 +248,9 @@ def main() -> None:
     ap.add_argument("--sides", nargs="+", default=["ours", "torch"], choices=["ours", "torch"])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=512, help="tokens per loss chunk (ours)")
-    ap.add_argument("--loss", default="chunked", choices=["chunked", "fused"],
-                    help="ours: medgemma_core.next_token_loss, or the fused prototype here")
+    ap.add_argument("--loss", default="chunked", choices=["chunked", "naive"],
+                    help="ours: medgemma_core.next_token_loss, or naive_next_token_loss (the "
+                         "whole [B, T, V] logits)")
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     ap.add_argument("--precision", default="default",
                     help="jax_default_matmul_precision (ours): default, highest, ...")

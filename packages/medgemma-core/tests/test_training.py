@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from medgemma_core import Gemma3Config, TrainingBatch, load_decoder
+from medgemma_core import Gemma3Config, TrainingBatch, load_decoder, training
 from medgemma_core.checkpoints.multimodal import _projector_specs, load_multimodal
 from medgemma_core.checkpoints.names import text_specs
 from medgemma_core.testing import IMAGE_SIZE, save_tiny_causal_lm, save_tiny_mm
@@ -157,7 +157,8 @@ def test_scanned_layers_match_transformers(tmp_path):
     graphdef, state = nnx.split(model)
     jaxpr = str(jax.make_jaxpr(
         lambda s: next_token_loss(nnx.merge(graphdef, s), batch, scan=True)[0])(state))
-    assert jaxpr.count("scan[") == 2  # the layers' scan and the loss's chunks
+    assert jaxpr.count("scan[") == 1  # the layers' scan
+    assert jaxpr.count("while[") == 1  # the loss's full chunks (the rest: conds)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned-vision"])
@@ -192,12 +193,46 @@ def _prefixed(spec, head):
 
 
 # ---- chunked loss ---------------------------------------------------------------------------
+def _naive_head(hs, table, targets):
+    """Summed cross entropy of ``hs [n, D]`` over ``table [V, D]``, written out plainly."""
+    logp = jax.nn.log_softmax(hs @ table.T, axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+    return -jnp.sum(jnp.where(targets >= 0, picked, 0.0))
+
+
+@pytest.mark.parametrize("n_valid", [0, 5, 37, 64, 100])
+def test_loss_head_equals_naive(n_valid):
+    """The fused head (gradients computed in its forward pass, only the labelled rows
+    projected: chunks of 16, then 8, 4, 2) against plain autodiff, for the hidden states and
+    the table; labelled rows scattered among unlabelled ones; with the table frozen, its
+    gradient is not computed at all."""
+    rng = np.random.default_rng(n_valid)
+    n, d, v = 100, 24, 300
+    hs = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+    table = jnp.asarray(rng.standard_normal((v, d)) * 0.3, jnp.float32)
+    targets = np.full(n, -100, np.int32)
+    targets[rng.permutation(n)[:n_valid]] = rng.integers(0, v, n_valid)
+    targets = jnp.asarray(targets)
+    fused = lambda h, w: training._token_losses(h, w, targets, 16, None)  # noqa: E731
+    want, (wh, ww) = jax.value_and_grad(_naive_head, argnums=(0, 1))(hs, table, targets)
+    got, (gh, gw) = jax.value_and_grad(fused, argnums=(0, 1))(hs, table)
+    assert abs(float(got) - float(want)) <= 1e-6 * max(abs(float(want)), 1.0)
+    for a, b in ((gh, wh), (gw, ww)):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * max(float(jnp.max(jnp.abs(b))), 1e-30)
+    if n_valid == 0:
+        assert float(got) == 0.0 and not np.any(np.asarray(gh)) and not np.any(np.asarray(gw))
+    frozen = str(jax.make_jaxpr(jax.grad(lambda h: fused(h, table)))(hs))
+    full = str(jax.make_jaxpr(jax.grad(fused, argnums=(0, 1)))(hs, table))
+    n_dots = lambda text: text.count("dot_general[")  # noqa: E731
+    assert n_dots(frozen) * 3 == n_dots(full) * 2  # per chunk size: 2 products, not 3
+
+
 def test_chunked_loss_equals_naive_and_needs_less_memory(mm_pair):
     model, _ = mm_pair
     batch = TrainBatch.from_collated(_image_text_batch(model.config, (1, 0), seed=3, pad=20),
                                      slots=1)
     n = batch.tokens.shape[0] * (batch.tokens.shape[1] - 1)
-    assert 64 < n < 128  # two chunks of 64, the second one padded
+    assert 64 < n < 128  # more tokens than one chunk of 64
 
     def mean(loss_fn):
         return lambda m: (lambda s, n: s / n)(*loss_fn(m, batch))
@@ -214,7 +249,9 @@ def test_chunked_loss_equals_naive_and_needs_less_memory(mm_pair):
             q_bias = np.asarray(want[path[:-2] + ("q_proj", "bias")].get_value())
             assert max(np.max(np.abs(a)), np.max(np.abs(b))) <= 1e-5 * np.max(np.abs(q_bias))
             continue
-        assert np.max(np.abs(a - b)) <= 1e-6 * np.max(np.abs(b)), path
+        # the head's own gradients agree within 1e-6 (test_loss_head_equals_naive); through
+        # the layers, f32 rounding of the other summation order grows (measured: 2.6e-6)
+        assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b)), path
 
     b, t = batch.tokens.shape
     v = model.config.text.vocab_size
@@ -352,7 +389,8 @@ def test_bf16_compute_on_f32_master_weights(mm_folder, mm_pair):
     assert f32 not in {d for d, _ in mixed} and bf in {d for d, _ in mixed}
     v = model.config.text.vocab_size
     head = [d for d, shapes in mixed if v in sum(shapes, ())]
-    assert len(head) == 4 and set(head) == {bf}  # the loss head, forward and backward: bf16
+    # the loss head: logits, input and table gradients, at each chunk size: bf16
+    assert len(head) % 3 == 0 and set(head) == {bf}
     assert {d for d, _ in dots()} == {f32}
 
 

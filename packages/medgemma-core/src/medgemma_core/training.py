@@ -20,9 +20,11 @@ The loss follows transformers' ``ForCausalLMLoss``: the logits at position ``t``
 ``< 0`` (``IGNORE_INDEX`` = -100: padding, image and ``<start_of_image>`` tokens, prompts) carry no
 loss. It returns the summed loss and the number of counted tokens, so that gradient accumulation
 and data parallelism weight every token alike. :func:`next_token_loss` projects ``chunk``
-tokens at a time onto the 262,208-row vocabulary with a custom VJP (the backward pass
-recomputes each chunk's logits; both of its products run in the compute dtype): it never holds
-the ``[B, T, V]`` float32 logits that :func:`naive_next_token_loss` builds.
+tokens at a time onto the 262,208-row vocabulary with a custom VJP whose forward pass also
+computes the gradients (no logits are recomputed; the table's gradient only when the table
+trains; every product in the compute dtype), and only for the rows that carry a label (the
+prompt, padding and image rows cost no vocabulary product): it never holds the ``[B, T, V]``
+float32 logits that :func:`naive_next_token_loss` builds.
 
 Precision: the parameters keep their dtype (e.g. float32 master weights); ``compute_dtype``
 (e.g. ``jnp.bfloat16``) casts them inside the traced function, so the forward and backward run
@@ -250,63 +252,110 @@ def _shifted(h: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     return h[:, :-1].reshape(-1, h.shape[-1]), labels[:, 1:].reshape(-1)
 
 
-def _logits(h: jax.Array, table: jax.Array, softcap: float | None):
-    """f32 logits ``[n, V]`` of ``h [n, D]`` (products in h's dtype, accumulated in float32)
-    and the pre-cap ones (for the softcap's derivative)."""
-    raw = jnp.einsum("nd,vd->nv", h, table.astype(h.dtype), preferred_element_type=jnp.float32)
-    if softcap is None:
-        return raw, raw
-    return jnp.tanh(raw / softcap) * softcap, raw
+def _head(x: jax.Array, w: jax.Array, t: jax.Array, softcap: float | None, grads: bool,
+          dw: jax.Array | None):
+    """One chunk: ``x [c, D]`` (compute dtype), ``w [V, D]`` (cast to it), targets ``t [c]``
+    (< 0: no loss). Returns ``(loss_sum, dx [c, D] f32, dw)``: ``dx`` None unless ``grads``;
+    ``dw`` (the table's float32 gradient accumulator ``[V, D]``, or None) with this chunk's
+    added. The target's logit comes from the gathered row ``w[t]`` (not from a masked pass
+    over the ``[c, V]`` logits); ``dx = d @ w`` and ``dw += d^T x`` with ``d`` = softmax -
+    one-hot (float32, cast to the compute dtype for its products)."""
+    raw = jnp.einsum("nd,vd->nv", x, w, preferred_element_type=jnp.float32)
+    logits = raw if softcap is None else jnp.tanh(raw / softcap) * softcap
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - m)
+    s = jnp.sum(e, axis=-1, keepdims=True)
+    lse = (m + jnp.log(s))[:, 0]
+    valid = t >= 0
+    tt = jnp.maximum(t, 0)
+    wy = w[tt].astype(jnp.float32)  # [c, D]: the targets' rows
+    raw_y = jnp.sum(x.astype(jnp.float32) * wy, axis=-1)
+    picked = raw_y if softcap is None else jnp.tanh(raw_y / softcap) * softcap
+    total = jnp.sum(jnp.where(valid, lse - picked, 0.0))
+    if not grads:
+        return total, None, dw
+    p = e * (valid[:, None] / s)
+    coef = valid.astype(jnp.float32)
+    if softcap is not None:  # d logits / d raw = 1 - tanh^2
+        p = p * (1.0 - jnp.square(jnp.tanh(raw / softcap)))
+        coef = coef * (1.0 - jnp.square(jnp.tanh(raw_y / softcap)))
+    p = p.at[jnp.arange(p.shape[0]), tt].add(-coef).astype(x.dtype)  # softmax - one-hot
+    dx = jnp.einsum("nv,vd->nd", p, w, preferred_element_type=jnp.float32)
+    if dw is not None:
+        dw = dw + jnp.einsum("nv,nd->vd", p, x, preferred_element_type=jnp.float32)
+    return total, dx, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _token_losses(h: jax.Array, table: jax.Array, targets: jax.Array,
+def _sizes(chunk: int, n: int) -> list[int]:
+    """Chunk sizes: ``chunk`` (as many as fit), then at most one each of chunk/2, /4, /8, so the
+    last rows are projected with little padding (at most chunk/8 - 1 padded rows)."""
+    c = max(1, min(int(chunk), n))
+    return sorted({max(1, c >> k) for k in range(4)}, reverse=True)
+
+
+def _chunks(hs: jax.Array, table: jax.Array, targets: jax.Array, chunk: int,
+            softcap: float | None, grads: bool, want_dw: bool):
+    """The loss (and gradients) of the counted rows only: they are moved to the front (a stable
+    sort), and chunks are projected while counted rows remain (a ``while_loop`` of full chunks,
+    then smaller ones for the rest), so rows without a label (prompts, padding, images) cost no
+    vocabulary product. Returns ``(loss_sum, dh [n, D] f32 | None, dw [V, D] f32 | None)``."""
+    n, d = hs.shape
+    sizes = _sizes(chunk, n)
+    c = sizes[0]
+    w = table.astype(hs.dtype)
+    valid = targets >= 0
+    order = jnp.argsort(jnp.logical_not(valid).astype(jnp.int32), stable=True)
+    n_valid = jnp.sum(valid).astype(jnp.int32)
+    x_all = jnp.pad(hs[order], ((0, c), (0, 0)))  # room for a last chunk past the end
+    t_all = jnp.pad(targets[order], (0, c), constant_values=IGNORE_INDEX)
+    init = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32),
+            jnp.zeros((n + c, d), jnp.float32) if grads else None,
+            jnp.zeros(w.shape, jnp.float32) if want_dw else None)
+
+    def step(size):
+        def run(carry):
+            start, total, dx, dw = carry
+            x = jax.lax.dynamic_slice_in_dim(x_all, start, size)
+            t = jax.lax.dynamic_slice_in_dim(t_all, start, size)
+            loss, gx, dw = _head(x, w, t, softcap, grads, dw)
+            if grads:
+                dx = jax.lax.dynamic_update_slice_in_dim(dx, gx, start, axis=0)
+            return start + size, total + loss, dx, dw
+        return run
+
+    carry = jax.lax.while_loop(lambda cr: cr[0] + c <= n_valid, step(c), init)
+    for size in sizes[1:]:
+        carry = jax.lax.cond(n_valid - carry[0] >= size, step(size), lambda cr: cr, carry)
+    carry = jax.lax.cond(n_valid > carry[0], step(sizes[-1]), lambda cr: cr, carry)
+    _, total, dx, dw = carry
+    if grads:
+        dx = jnp.zeros((n, d), jnp.float32).at[order].set(dx[:n])
+    return total, dx, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _token_losses(hs: jax.Array, table: jax.Array, targets: jax.Array, chunk: int,
                   softcap: float | None) -> jax.Array:
-    """Summed cross entropy of ``h [n, D]`` against ``targets [n]`` (< 0: no loss) over the
-    vocabulary ``table [V, D]``. Its backward pass recomputes the logits and runs both of its
-    products in h's dtype (bf16 x bf16 with bf16 compute, accumulated in float32)."""
-    logits, _ = _logits(h, table, softcap)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
-    return jnp.sum(jnp.where(targets >= 0, lse - picked, 0.0))
+    """Summed cross entropy of ``hs [n, D]`` against ``targets [n]`` (< 0: no loss) over the
+    vocabulary ``table [V, D]`` (cast to hs's dtype; products accumulated in float32). Under
+    differentiation the forward pass computes the gradients too (as Liger's fused linear cross
+    entropy): no logits are recomputed, and the table's gradient (a third product per chunk)
+    only when the table is differentiated (frozen for LoRA)."""
+    return _chunks(hs, table, targets, chunk, softcap, False, False)[0]
 
 
-def _token_losses_fwd(h, table, targets, softcap):
-    return _token_losses(h, table, targets, softcap), (h, table, targets)
+def _token_losses_fwd(hs, table, targets, chunk, softcap):
+    want_dw = bool(table.perturbed)
+    total, dx, dw = _chunks(hs.value, table.value, targets.value, chunk, softcap, True, want_dw)
+    return total, (dx.astype(hs.value.dtype), dw.astype(table.value.dtype) if want_dw else None)
 
 
-def _token_losses_bwd(softcap, residuals, g):
-    h, table, targets = residuals
-    logits, raw = _logits(h, table, softcap)
-    probs = jax.nn.softmax(logits, axis=-1)
-    onehot = jax.nn.one_hot(jnp.maximum(targets, 0), logits.shape[-1], dtype=probs.dtype)
-    d = (probs - onehot) * (g * (targets >= 0))[:, None]
-    if softcap is not None:
-        d = d * (1.0 - jnp.square(jnp.tanh(raw / softcap)))
-    d = d.astype(h.dtype)
-    w = table.astype(h.dtype)
-    dh = jnp.einsum("nv,vd->nd", d, w, preferred_element_type=jnp.float32).astype(h.dtype)
-    dw = jnp.einsum("nv,nd->vd", d, h, preferred_element_type=jnp.float32).astype(table.dtype)
-    return dh, dw, None
+def _token_losses_bwd(chunk, softcap, residuals, g):
+    dx, dw = residuals
+    return (g * dx).astype(dx.dtype), None if dw is None else (g * dw).astype(dw.dtype), None
 
 
-_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
-
-
-def _chunked_loss(h: jax.Array, table: jax.Array, targets: jax.Array, chunk: int,
-                  softcap: float | None) -> jax.Array:
-    n, d = h.shape
-    chunk = max(1, min(int(chunk), n))
-    pad = -n % chunk
-    h = jnp.pad(h, ((0, pad), (0, 0)))
-    targets = jnp.pad(targets, (0, pad), constant_values=IGNORE_INDEX)
-
-    def body(total, xs):
-        return total + _token_losses(xs[0], table, xs[1], softcap), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (h.reshape(-1, chunk, d), targets.reshape(-1, chunk)))
-    return total
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd, symbolic_zeros=True)
 
 
 def next_token_loss(model: Model, batch: TrainBatch, *, chunk: int = DEFAULT_CHUNK,
@@ -315,16 +364,19 @@ def next_token_loss(model: Model, batch: TrainBatch, *, chunk: int = DEFAULT_CHU
     """``(loss_sum, n_tokens)``: the summed next-token cross entropy (float32) and the number of
     tokens it counts (int32), ``chunk`` tokens projected onto the vocabulary at a time.
 
-    Each chunk's logits exist only inside that chunk, forward and backward (a custom VJP that
-    recomputes them). The tied embedding enters each chunk in its parameter dtype and is cast
-    there, so its gradient accumulates over the chunks in that dtype (float32 masters: float32)."""
+    Each chunk's logits exist only inside that chunk; under differentiation the forward pass
+    computes the gradients from them (a custom VJP), and only the counted tokens are projected
+    (moved to the front, ``chunk`` at a time, then smaller chunks for the rest). The tied
+    embedding enters in its parameter dtype and is cast to the compute dtype for the products;
+    its gradient (when it trains) accumulates over the chunks in float32 and lands in its
+    parameter dtype."""
     if int(chunk) < 1:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     table = _decoder(model).embedding[...]
     softcap = _decoder(model).config.final_logit_softcapping
     h = forward_hidden(model, batch, compute_dtype=compute_dtype, remat=remat, scan=scan)
     hs, targets = _shifted(h, batch.labels)
-    total = _chunked_loss(hs, table, targets, chunk, softcap)
+    total = _token_losses(hs, table, targets, int(chunk), softcap)
     return total, jnp.sum(targets >= 0).astype(jnp.int32)
 
 
