@@ -4,8 +4,9 @@
 the trainable parameters, the optax state and the step (donated: updated in place);
 ``rest`` the frozen parameters and the LoRA dropout streams; ``batch`` ``A`` micro-batches
 ``[A, b, T]``. Gradients of the summed loss are accumulated over the micro-batches (a
-``lax.scan``) and divided by the number of loss tokens of the whole step, so every token
-weighs the same however the rows are split across micro-batches, devices or processes.
+``lax.scan``; with one micro-batch, no loop) and divided by the number of loss tokens of the
+whole step, so every token weighs the same however the rows are split across micro-batches,
+devices or processes.
 
 Dropout is derived, not stored: the stream counters are set to ``step * A + a`` inside the
 step, so a resumed run draws the same masks.
@@ -130,7 +131,12 @@ def build_steps(train_def: Any, eval_def: Any, loss: Callable[[Any, Any], tuple[
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         i0 = jnp.zeros((), jnp.int32)
         init = (zeros, jnp.zeros((), jnp.float32), i0, i0)
-        (g_sum, l_sum, n_sum, seen), _ = jax.lax.scan(body, init, (jnp.arange(accum), batch))
+        if accum == 1:  # the same sums without a loop and a zero-filled gradient buffer
+            (g_sum, l_sum, n_sum, seen), _ = body(
+                init, (jnp.zeros((), jnp.int32), jax.tree.map(lambda x: x[0], batch)))
+        else:
+            (g_sum, l_sum, n_sum, seen), _ = jax.lax.scan(body, init,
+                                                          (jnp.arange(accum), batch))
         denom = jnp.maximum(n_sum, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
         grad_norm = _norm(grads)
