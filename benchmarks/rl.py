@@ -114,15 +114,18 @@ def theirs_rollout(hf: Path, ids: list[list[int]], a: argparse.Namespace) -> dic
 
 
 def rl_steps(gguf: str, data: Path, a: argparse.Namespace, tmp: Path) -> dict:
+    import contextlib
+
     from medgemma_train.cli import main
 
     out = tmp / "rlrun"
-    code = main(["rl", "--checkpoint", gguf, "--data", str(data), "--out", str(out),
-                 "--max-steps", str(a.steps), "--lora-rank", "16", "--seq-len", str(a.seq),
-                 "--no-progress", "--set", f"rl.group_size={a.group}",
-                 "--set", f"rl.prompts_per_step={a.prompts}",
-                 "--set", f"rl.max_new_tokens={a.new}", "--set", "rl.rewards=[letter]",
-                 "--set", "run.tensorboard=false"])
+    argv = ["rl", "--checkpoint", gguf, "--data", str(data), "--out", str(out),
+            "--max-steps", str(a.steps), "--lora-rank", "16", "--seq-len", str(a.seq),
+            "--no-progress", "--set", f"rl.group_size={a.group}",
+            "--set", f"rl.prompts_per_step={a.prompts}", "--set", f"rl.max_new_tokens={a.new}",
+            "--set", "rl.rewards=[letter]", "--set", "run.tensorboard=false"]
+    with contextlib.redirect_stdout(sys.stderr):  # the command's summary line: not our JSON
+        code = main(argv)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     later = rows[1:] or rows
     split = {k: statistics.median(r[k] for r in later)
