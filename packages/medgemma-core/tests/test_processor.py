@@ -147,6 +147,13 @@ def test_collate_right_pads_and_masks_labels(ours, hf_folder_tokenizer):
     answer_only = ours.collate([a], mask_prompt=True)
     kept = [int(i) for i in answer_only.labels[0] if i != IGNORE_INDEX]
     assert tok.decode(kept) == "A normal chest radiograph without findings.<end_of_turn>\n"
+    # cut before its answer starts: no loss at all (never labels on the prompt)
+    short = ours.collate([a], mask_prompt=True, max_length=len(a.input_ids) - len(kept) - 2)
+    assert (short.labels == IGNORE_INDEX).all()
+    # cut inside the answer: only the answer's first tokens carry labels
+    part = ours.collate([a], mask_prompt=True, max_length=len(a.input_ids) - 3)
+    kept_part = [int(i) for i in part.labels[0] if i != IGNORE_INDEX]
+    assert kept_part == kept[:len(kept) - 3] and kept_part
     with pytest.raises(ValueError, match="cut an image"):
         ours.collate([a], max_length=10)
     assert ours.collate([b], max_length=5).input_ids.shape == (1, 5)

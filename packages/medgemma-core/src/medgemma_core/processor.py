@@ -316,9 +316,13 @@ class Processor:
         ``max_length`` are cut, unless that would cut an image (an error)."""
         if not examples:
             raise ValueError("collate needs at least one example")
-        rows = []
+        rows, cuts = [], []
+        answer = self.tokenizer.encode("<start_of_turn>model\n")
         for n, ex in enumerate(examples):
             ids = list(ex.input_ids)
+            # the final answer's start, found before any cut (a cut row whose final answer is
+            # past max_length then has no loss, not labels on its prompt or earlier turns)
+            cuts.append(_last_occurrence(ids, answer) if mask_prompt else None)
             if max_length is not None and len(ids) > max_length:
                 if self.image_token_id in ids[max_length:]:
                     raise ValueError(f"example {n}: {len(ids)} tokens; cutting it to max_length="
@@ -332,15 +336,13 @@ class Processor:
         input_ids = np.full((b, t), self.pad_id, np.int32)
         mask = np.zeros((b, t), np.int32)
         labels = np.full((b, t), IGNORE_INDEX, np.int32)
-        answer = self.tokenizer.encode("<start_of_turn>model\n")
         for r, ids in enumerate(rows):
             input_ids[r, :len(ids)] = ids
             mask[r, :len(ids)] = 1
             lab = self.labels(ids)
             if mask_prompt:
-                cut = _last_occurrence(ids, answer)
-                if cut is not None:
-                    lab[:cut] = [IGNORE_INDEX] * cut
+                cut = min(len(ids), cuts[r]) if cuts[r] is not None else len(ids)
+                lab[:cut] = [IGNORE_INDEX] * cut
             labels[r, :len(ids)] = lab
         pixels = [ex.pixel_values for ex in examples if len(ex.pixel_values)]
         size = self.config.image_size
