@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 from pathlib import Path
-from typing import Any
 
 from .config import SourceConfig
-from .data import BadRow, DataError, Example, Source, read_source
+from .data import BadRow, DataError, Example, Source, manifest_rows, read_source
 
 __all__ = ["CaptionExample", "is_caption_source", "read_caption_source"]
 
@@ -35,27 +33,6 @@ class CaptionExample(Example):
     ``label`` its class (zero-shot validation; "" when the manifest has none)."""
 
     label: str = ""
-
-
-def _rows(path: Path) -> list[tuple[int, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; save it as UTF-8") from None
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise DataError(f"{path}: a CSV caption manifest needs a header with path, caption")
-        return [(n + 2, row) for n, row in enumerate(reader)]
-    out: list[tuple[int, Any]] = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((n, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            out.append((n, BadRow(f"{path}:{n}", f"not JSON ({exc.msg})")))
-    return out
 
 
 def _caption(row: dict) -> str:
@@ -102,7 +79,7 @@ def read_caption_source(cfg: SourceConfig, index: int = 0) -> Source:
         return read_source(cfg, index)
     good: list[Example] = []
     bad: list[BadRow] = []
-    for n, row in _rows(path):
+    for n, row in manifest_rows(path, "path, caption"):
         where = f"{path}:{n}"
         if isinstance(row, BadRow):
             bad.append(row)

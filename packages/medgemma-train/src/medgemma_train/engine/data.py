@@ -159,15 +159,20 @@ def _chat_row(row: Any, base: Path, where: str) -> Example | BadRow:
     return Example(where, messages=tuple(messages), images=images)
 
 
-def _manifest_rows(path: Path) -> list[tuple[int, Any]]:
-    text = path.read_text(encoding="utf-8")
+def manifest_rows(path: Path, columns: str = "path, question, answer (and optionally split)"
+                  ) -> list[tuple[int, Any]]:
+    """``(line number, row)`` of a JSONL or CSV manifest; a line that is not JSON is a
+    ``BadRow``. ``columns`` names the header a CSV needs (in the error when it lacks ``path``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; save it as UTF-8") from None
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise DataError(f"{path}: a CSV manifest needs a header with path, question, "
-                            f"answer (and optionally split)")
+            raise DataError(f"{path}: a CSV manifest needs a header with {columns}")
         return [(n + 2, row) for n, row in enumerate(reader)]
-    out = []
+    out: list[tuple[int, Any]] = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -254,11 +259,7 @@ def read_source(cfg: SourceConfig, index: int = 0) -> Source:
             out = _chat_row(row, path.parent, where)
             (bad if isinstance(out, BadRow) else good).append(out)
     else:
-        try:
-            rows = _manifest_rows(path)
-        except UnicodeDecodeError:
-            raise DataError(f"{path} is not UTF-8 text; save it as UTF-8") from None
-        for n, row in rows:
+        for n, row in manifest_rows(path):
             if isinstance(row, BadRow):
                 bad.append(row)
                 continue
