@@ -153,6 +153,10 @@ def _human(plan: dict) -> str:
         lines.append(f"  {m['name']:16} {m['kind']:8} {m['rows']:7} rows  weight {m['weight']:.3f}"
                      f"  {m['epochs']:.2f} epochs in the run  ({m['path']})")
     lines.append(f"eval rows: {plan['eval_rows']}; bad rows skipped: {plan['bad_rows']}")
+    if plan.get("cut_rows"):
+        lines.append(f"rows cut at data.seq_len: {plan['cut_rows']} (first {plan['cut_first']}; "
+                     f"the longest has {plan['longest_row_tokens']} tokens), "
+                     f"{plan['answer_cut_rows']} of them with no answer left")
     if "memory_text" in plan:
         lines.append(plan["memory_text"])
     return "\n".join(lines)

@@ -43,6 +43,7 @@ class Encoder:
         self.system = system
         self.skip_bad = skip_bad
         self.bad: list[BadRow] = []
+        self._marker: list[int] | None = None
 
     def messages(self, ex: Example) -> list[dict]:
         if ex.messages:
@@ -73,11 +74,51 @@ class Encoder:
         if n > self.slots and self.image_text:
             raise DataError(f"{ex.where}: {n} images but data.image_slots={self.slots}; raise "
                             f"data.image_slots")
-        ids = p.input_ids
-        if len(ids) > self.seq_len and self.processor.image_token_id in ids[self.seq_len:]:
-            raise DataError(f"{ex.where}: {len(ids)} tokens; cutting it to data.seq_len="
-                            f"{self.seq_len} would cut an image; raise data.seq_len")
+        problem = self.cut_problem(p.input_ids)
+        if problem:
+            raise DataError(f"{ex.where}: {problem}")
         return p
+
+    def token_ids(self, ex: Example) -> list[int] | None:
+        """The row's token ids as :meth:`process` makes them, its images counted as their
+        soft tokens without decoding them (no pan-and-scan crops); None for a manifest row
+        (its images are known once loaded)."""
+        if not ex.messages:
+            return None
+        from medgemma_core.chat import BOI, format_chat
+
+        text = format_chat(self.messages(ex), add_generation_prompt=False)
+        if self.image_text:
+            text = text.replace(BOI, self.processor.image_sequence)
+        return self.processor.tokenizer.encode(text)
+
+    def answer_start(self, ids: Sequence[int]) -> int | None:
+        """The index of the final answer's first token (just after the last
+        ``<start_of_turn>model\\n``), as ``Processor.collate(mask_prompt=True)`` finds it."""
+        if self._marker is None:
+            self._marker = list(self.processor.tokenizer.encode("<start_of_turn>model\n"))
+        k = len(self._marker)
+        ids = list(ids)
+        for i in range(len(ids) - k, -1, -1):
+            if ids[i:i + k] == self._marker:
+                return i + k
+        return None
+
+    def cut_problem(self, ids: Sequence[int]) -> str | None:
+        """Why cutting ``ids`` to ``seq_len`` makes the row bad (None when it does not): an
+        image past the cut, or the whole final answer past it (the token at ``seq_len - 1`` is
+        the last one the loss predicts)."""
+        n, t = len(ids), self.seq_len
+        if n <= t:
+            return None
+        if self.image_text and self.processor.image_token_id in list(ids[t:]):
+            return (f"{n} tokens; cutting it to data.seq_len={t} would cut an image; raise "
+                    f"data.seq_len")
+        start = self.answer_start(ids)
+        if start is not None and start >= t:
+            return (f"{n} tokens and its answer starts at token {start}: cut to data.seq_len="
+                    f"{t} it has no answer left; raise data.seq_len")
+        return None
 
     def _safe(self, ex: Example) -> tuple[Any, bool]:
         try:

@@ -28,6 +28,7 @@ from flax import nnx
 from .checkpoint import Checkpoints
 from .config import RunConfig, to_dict
 from .data import DataError, check_bad_rows, medical_mixture, read_source
+from .lengths import drop_bad_lengths, scan_lengths
 from .mesh import batch_sharding, build_mesh, initialize
 from .metrics import MetricsWriter, flops_per_token, peak_flops
 from .pipeline import Encoder, EvalPipeline, Pipeline, mixture_table
@@ -115,14 +116,6 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
             say(f"data mixture: the sources named medical* get {100 * share:g}% of the rows "
                 f"({cfg.stage}.medical_share; give data.train weights to choose others)")
     bad = check_bad_rows(train_sources + eval_sources, skip_bad=cfg.data.skip_bad)
-    if bad:
-        say(f"skipping {len(bad)} bad data row(s), first {bad[0]} (all in "
-            f"{out / 'bad_rows.jsonl'})")
-        if process == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            with open(out / "bad_rows.jsonl", "w", encoding="utf-8") as f:
-                for b in bad:
-                    f.write(json.dumps({"where": b.where, "reason": b.reason}) + "\n")
     ckpt_dir = out / "checkpoints"
     if not dry_run and not cfg.run.resume and ckpt_dir.is_dir() and any(
             p.name.isdigit() for p in ckpt_dir.iterdir()):
@@ -137,6 +130,7 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
         raise TrainError(str(exc)) from None
     model = prepared.model
     own_batches = custom is not None and custom.encoder is not None
+    lengths = None
     if own_batches:
         slots = 0
         encoder = custom.encoder(cfg, prepared, train_sources + eval_sources)
@@ -148,6 +142,21 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
                           system=cfg.data.system, skip_bad=cfg.data.skip_bad)
         keys = ["tokens", "labels", "attention_mask"] + (["pixels", "image_mask"] if slots
                                                          else [])
+        lengths = scan_lengths(encoder, train_sources + eval_sources)
+        if lengths.warning():
+            say(lengths.warning())
+        kept = drop_bad_lengths(train_sources + eval_sources, lengths,
+                                skip_bad=cfg.data.skip_bad)
+        train_sources, eval_sources = kept[:len(train_sources)], kept[len(train_sources):]
+        bad = bad + list(lengths.bad)
+    if bad:
+        say(f"skipping {len(bad)} bad data row(s), first {bad[0]} (all in "
+            f"{out / 'bad_rows.jsonl'})")
+        if process == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "bad_rows.jsonl", "w", encoding="utf-8") as f:
+                for b in bad:
+                    f.write(json.dumps({"where": b.where, "reason": b.reason}) + "\n")
     accum, batch_size = cfg.optimizer.grad_accum, cfg.data.batch_size
     pipeline = Pipeline(train_sources, encoder, batch_size=batch_size, accum=accum,
                         seed=cfg.data.seed, process=process, processes=processes)
@@ -170,7 +179,8 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
             "steps": total, "steps_per_epoch": per_epoch, "rows_per_step": batch_size * accum,
             "warmup_steps": warmup_steps(cfg.optimizer, total), "image_slots": slots,
             "mesh": dict(mesh.shape), "processes": processes, "mixture": mixture,
-            "eval_rows": sum(len(s.examples) for s in eval_sources), "bad_rows": len(bad)}
+            "eval_rows": sum(len(s.examples) for s in eval_sources), "bad_rows": len(bad),
+            **(lengths.as_dict() if lengths is not None else {})}
     if dry_run:
         from medgemma_core.sharding import memory_report
 
