@@ -99,8 +99,10 @@ class Checkpoints:
         p_names, p_leaves, _ = flatten(params)
         o_names, o_leaves, _ = flatten(opt_state)
         good = None
-        if metrics is not None and self.best_metric in metrics:
-            good = {k: float(v) for k, v in metrics.items()}
+        numbers = {k: float(v) for k, v in (metrics or {}).items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self.best_metric in numbers:
+            good = numbers
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(nest(p_names, p_leaves)),
             opt=ocp.args.StandardSave(nest(o_names, o_leaves)),

@@ -7,6 +7,9 @@ padding, image and ``<start_of_image>`` tokens. ``lora.rank: 0`` trains every pa
 The notebook also saves ``lm_head``/``embed_tokens`` in full (PEFT ``modules_to_save``); here
 the tied embedding stays frozen in LoRA runs unless ``trainable.decoder: full``.
 
+Validation reports ``eval_loss``, ``eval_token_accuracy`` and, with ``sft.exact_match: N``,
+``eval_exact_match`` of greedy answers (:mod:`.answers`).
+
 At the end, ``run.export: [peft, hf]`` writes ``RUN/export/peft`` (a PEFT adapter,
 :func:`medgemma_core.lora.save_peft_adapter`) and ``RUN/export/hf`` (the merged model in the
 transformers layout, :func:`medgemma_core.checkpoints.export.save_hf`).
@@ -17,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .answers import SFTSettings
 from .stages import Prepared, StageSpec, hookimpl
 
 __all__ = ["SFT", "export_model", "prepare", "sft_loss", "trainable_modes"]
@@ -122,6 +126,33 @@ def export_model(model: Any, checkpoint: str, to: str, folder: Path, *,
     return str(folder)
 
 
+def sft_accuracy(model: Any, batch: Any, cfg: Any) -> dict:
+    from .answers import token_accuracy
+
+    return token_accuracy(model, batch, cfg)
+
+
+def sft_evaluate(model: Any, cfg: Any) -> dict:
+    """``eval_exact_match`` when ``sft.exact_match`` asks for it (:mod:`.answers`)."""
+    from medgemma_core import Gemma3Multimodal
+
+    from .answers import SFTSettings, exact_match
+    from .data import read_source
+    from .pipeline import Encoder
+
+    opts = cfg.options if isinstance(cfg.options, SFTSettings) else SFTSettings()
+    if not opts.exact_match or not cfg.data.eval:
+        return {}
+    rows = []
+    for i, source in enumerate(cfg.data.eval):
+        rows += list(read_source(source, i).examples)
+        if len(rows) >= opts.exact_match:
+            break
+    enc = Encoder(None, seq_len=cfg.data.seq_len, slots=0,
+                  image_text=isinstance(model, Gemma3Multimodal), system=cfg.data.system)
+    return exact_match(model, cfg, rows, enc.messages)
+
+
 def finish(model: Any, prepared: Prepared, cfg: Any, run_dir: Path) -> dict:
     out = {}
     for to in sorted(cfg.run.export, key=lambda t: t != "peft"):  # peft before merging
@@ -135,7 +166,10 @@ SFT = StageSpec(
     description="supervised fine-tuning, full or LoRA, on text or image-text chat data",
     prepare=prepare,
     loss=sft_loss,
+    evaluate=sft_evaluate,
+    eval_batch=sft_accuracy,
     finish=finish,
+    settings=SFTSettings,
 )
 
 

@@ -83,7 +83,10 @@ class StageSpec:
     ``prepare(cfg) -> Prepared``; ``loss(model, batch, cfg) -> (loss_sum, n_tokens)`` (traced
     inside the jitted step); ``defaults``: dotted config overrides the stage applies before the
     user's (e.g. ``{"optimizer.lr": 2e-4}``); ``evaluate(model, cfg) -> dict`` extra validation
-    metrics (optional); ``finish(model, prepared, cfg, run_dir) -> dict`` after training
+    metrics (optional); ``eval_batch(model, batch, cfg) -> {name: (numerator, denominator)}``
+    per-batch sums traced in the jitted eval step beside the loss, summed over the eval data
+    and reported as ``name = sum(numerator) / sum(denominator)`` (``sft``:
+    ``eval_token_accuracy``; optional); ``finish(model, prepared, cfg, run_dir) -> dict`` after training
     (exports; optional); ``settings``: a frozen dataclass of the stage's own settings, read
     from the config section named after the stage (``mystage: {alpha: 0.5}`` or
     ``--set mystage.alpha=0.5``; unknown keys are errors) into ``cfg.options``; ``run``: a
@@ -101,6 +104,7 @@ class StageSpec:
     loss: Callable[[Any, Any, Any], tuple[Any, Any]]
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     evaluate: Callable[[Any, Any], dict] | None = None
+    eval_batch: Callable[[Any, Any, Any], dict] | None = None
     finish: Callable[..., dict] | None = None
     settings: type | None = None
     run: Callable[..., dict] | None = None

@@ -95,13 +95,15 @@ def build_steps(train_def: Any, eval_def: Any, loss: Callable[[Any, Any], tuple[
                 tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                 accum: int, shardings: tuple[Any, Any, Any] | None = None,
                 batch_shardings: Any = None, as_batch: Callable[[dict], Any] | None = None,
-                tokens_key: str | None = "attention_mask") -> StepFns:
+                tokens_key: str | None = "attention_mask",
+                eval_extra: Callable[[Any, Any], dict] | None = None) -> StepFns:
     """Jitted steps. ``train_def``/``eval_def``: the model's graphdefs in train/eval mode (with
     the split ``(params, rest)``); ``loss(model, batch) -> (loss_sum, n)``, ``batch`` a
     ``TrainBatch`` of the micro-batch's arrays (``as_batch``: another wrapper of the dict;
     ``lambda mb: mb`` passes it as it is). ``tokens_key``: the array whose non-zero entries
     are the input tokens counted (None: the rows). ``shardings``: ``(state, rest, metrics)``
-    shardings (None: let jit place)."""
+    shardings (None: let jit place). ``eval_extra(model, batch) -> {name: (numerator,
+    denominator)}``: more sums of the eval step (a stage's ``eval_batch``), under ``"extra"``."""
     if as_batch is None:
         from medgemma_core.training import TrainBatch
 
@@ -149,7 +151,10 @@ def build_steps(train_def: Any, eval_def: Any, loss: Callable[[Any, Any], tuple[
     def eval_step(params, rest, mb):
         model = nnx.merge(eval_def, params, rest, copy=True)
         loss_sum, n = loss(model, as_batch(mb))
-        return {"loss_sum": loss_sum, "tokens": n}
+        out = {"loss_sum": loss_sum, "tokens": n}
+        if eval_extra is not None:
+            out["extra"] = eval_extra(model, as_batch(mb))
+        return out
 
     if shardings is None:
         train = jax.jit(train_step, donate_argnums=(0,))

@@ -210,6 +210,8 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
 
     fns = build_steps(train_def, eval_def, loss, tx, schedule, accum=accum,
                       shardings=(state_sh, rest_sh, None), batch_shardings=batch_sh,
+                      eval_extra=(None if stage.eval_batch is None else
+                                  lambda m, b: stage.eval_batch(m, b, cfg)),
                       **({"as_batch": lambda mb: mb, "tokens_key": custom.tokens_key}
                          if own_batches else {}))
     ckpt = Checkpoints(ckpt_dir, keep_last=cfg.run.keep_last, keep_best=cfg.run.keep_best,
@@ -258,15 +260,33 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
         ev = EvalPipeline(eval_sources, encoder, batch_size=batch_size, process=process,
                           processes=processes, pad=not own_batches)
         total_loss, total_n = 0.0, 0
+        extra: dict[str, list[float]] = {}
         sh = {k: batch_sharding(mesh, batch_size, 0) for k in keys}
         for b in ev:
             b = _put(b, sh, processes, batch_size)
             r = fns.evaluate(p, rest, {k: v[0] for k, v in b.items()})
             total_loss += float(r["loss_sum"])
             total_n += int(r["tokens"])
+            for name, (num, den) in r.get("extra", {}).items():
+                acc = extra.setdefault(name, [0.0, 0.0])
+                acc[0] += float(num)
+                acc[1] += float(den)
         if own_batches and total_n == 0:  # fewer eval rows than one whole batch
             return values
-        return {"eval_loss": total_loss / max(1, total_n), "eval_tokens": total_n, **values}
+        sums = {name: num / den if den else None for name, (num, den) in extra.items()}
+        return {"eval_loss": total_loss / max(1, total_n), "eval_tokens": total_n, **sums,
+                **values}
+
+    warned = {"best": False}
+
+    def check_best(values: dict) -> None:
+        """One line when run.best_metric is not among the validation metrics."""
+        if values and cfg.run.keep_best and cfg.run.best_metric not in values \
+                and not warned["best"]:
+            warned["best"] = True
+            known = ", ".join(k for k, v in values.items() if isinstance(v, int | float))
+            say(f"warning: run.best_metric={cfg.run.best_metric} is not among the validation "
+                f"metrics ({known}); no checkpoint is kept as best; set run.best_metric to one")
 
     history: list[dict] = []
     last_eval: dict = {}
@@ -300,6 +320,7 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
                 evaluated = None
                 if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total:
                     evaluated = last_eval = evaluate(state["params"])
+                    check_best(evaluated)
                     writer.write(step, evaluated, split="eval")
                 saving = (cfg.run.save_every and step % cfg.run.save_every == 0) or evaluated
                 if stop["flag"] or step == cfg.run.stop_at:
@@ -312,6 +333,7 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
                     ckpt.save(step, state["params"], state["opt"], meta(step, evaluated),
                               evaluated)
             final_eval = evaluate(state["params"])
+            check_best(final_eval)
             if final_eval:
                 last_eval = final_eval
                 writer.write(step, final_eval, split="eval")
@@ -330,6 +352,8 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
                "final_train_loss": history[-1]["loss"] if history else None,
                "first_train_loss": history[0]["loss"] if history else None,
                "final_eval_loss": last_eval.get("eval_loss"),
+               "final_eval": {k: v for k, v in last_eval.items()
+                              if isinstance(v, int | float) or v is None},
                "run": str(out), "checkpoints": str(ckpt_dir), "metrics": str(out / "metrics.jsonl"),
                "best_step": best,
                "bad_rows": len(bad) + len(getattr(encoder, "bad", ())), "plan": plan}
