@@ -65,6 +65,9 @@ def test_base_mode_batch_equals_the_core_completion_cut_at_the_stop(tiny):
                              sampling=sampling)
         text = want.text if want.stopped else tiny.tokenizer.decode(want.token_ids)
         assert row.text(300) == cut_at_stop(text, BASE_STOPS)[0]
+    # the batch prefilled only the questions: the frame's KV came from the cached prefix
+    timing = service._get_backend().last_timing
+    assert timing["tail"] < timing["tokens"], timing
 
 
 class _Steps:

@@ -10,6 +10,12 @@ The step API drives that loop directly (what :meth:`Engine.stream` does, and ben
     state = engine.decode(state, 64)                      # the loop, up to 64 tokens in all
     state.tokens                                          # [B, N] produced ids (pad after stop)
 
+A prefix shared by many prompts (a few-shot frame, a system prompt) can be prefilled once:
+``prefix = engine.cache_prefix(ids)``; ``start(..., prefix=prefix)`` then copies its KV into
+each row whose prompt begins with (part of) it and prefills only the rest. The result equals
+the plain prefill's: causal attention makes a prefix's keys and values independent of what
+follows, and RoPE positions count from each row's first token.
+
 JAX's persistent compilation cache is not switched on here: that is the application's choice
 (:func:`enable_compilation_cache`, which the ``medgemma`` command calls).
 """
@@ -72,6 +78,24 @@ class Generation:
     stopped: list[bool]
 
 
+@dataclasses.dataclass(frozen=True)
+class CachedPrefix:
+    """The KV cache of a prompt prefix (:meth:`Engine.cache_prefix`): ``tokens``, and per
+    layer ``(k [K, P, Hd], v [K, Hd, P])`` at positions 0..P-1 (every layer keeps all P)."""
+
+    tokens: tuple[int, ...]
+    layers: tuple[tuple[jax.Array, jax.Array], ...]
+
+    def shared(self, prompt: Sequence[int]) -> int:
+        """How many leading tokens of ``prompt`` this prefix covers."""
+        n = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        return n
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _LoopState:
@@ -128,11 +152,66 @@ class Engine:
     def _prefill(self, state, tokens, start, embeddings, image_id, key, temperature, top_p, *,
                  cache_len: int, max_new: int, skey, stops):
         model = nnx.merge(self.graphdef, state)
-        b = tokens.shape[0]
-        cache = KVCache.create(self.config, b, cache_len, start, self.cache_dtype)
+        cache = KVCache.create(self.config, tokens.shape[0], cache_len, start, self.cache_dtype)
         logits, cache = model(tokens, embeddings=embeddings, cache=cache, image_id=image_id,
                               logits_at="last")
-        t = tokens.shape[1]
+        return self._first(logits, cache, tokens, start, key, temperature, top_p,
+                           max_new=max_new, skey=skey, stops=stops)
+
+    @functools.partial(jax.jit, static_argnames=("self", "cache_len", "tail", "max_new", "skey",
+                                                 "stops"))
+    def _prefill_cached(self, state, prefix, tokens, start, key, temperature, top_p, *,
+                        cache_len: int, tail: int, max_new: int, skey, stops):
+        """:meth:`_prefill` of left-padded ``tokens [B, T]`` whose first ``T - tail`` columns
+        are, in every row, padding or the start of ``prefix`` (per layer k [K, P, Hd],
+        v [K, Hd, P]): those are copied into the cache, only the last ``tail`` columns run."""
+        model = nnx.merge(self.graphdef, state)
+        b, t = tokens.shape
+        base = t - tail
+        cache = KVCache.create(self.config, b, cache_len, start, self.cache_dtype)
+        layers = []
+        ring = None
+        for i, ((ck, _), (pk, pv)) in enumerate(zip(cache.layers, prefix)):
+            s = ck.shape[2]
+            slots = jnp.arange(s, dtype=jnp.int32)
+            # the index each slot holds after indices 0..base-1 were written (-1: none yet)
+            idx = base - 1 - (base - 1 - slots) % s if self.config.is_local(i) else slots
+            if self.config.is_local(i):
+                ring = jnp.where(idx >= 0, idx, -1)
+            rel = idx[None, :] - start[:, None]  # [B, S] the prefix position each slot holds
+            ok = (rel >= 0) & (idx[None, :] < base)
+            rel = jnp.clip(rel, 0, pk.shape[1] - 1)
+            k = jnp.where(ok[None, :, :, None], jnp.take(pk, rel, axis=1), 0)  # [K, B, S, Hd]
+            v = jnp.where(ok[None, None], jnp.take(pv, rel, axis=2), 0)  # [K, Hd, B, S]
+            layers.append((k.transpose(1, 0, 2, 3).astype(ck.dtype),
+                           v.transpose(2, 0, 1, 3).astype(ck.dtype)))
+        if ring is None:
+            ring = cache.ring_index
+        cache = cache.replace(layers=tuple(layers), ring_index=ring,
+                              length=jnp.asarray(base, jnp.int32))
+        logits, cache = model(tokens[:, base:], cache=cache, logits_at="last")
+        return self._first(logits, cache, tokens, start, key, temperature, top_p,
+                           max_new=max_new, skey=skey, stops=stops)
+
+    @functools.partial(jax.jit, static_argnames=("self",))
+    def _prefix_kv(self, state, tokens):
+        """KV of ``tokens [1, P]`` at positions 0..P-1, every layer keeping all P (a local
+        layer's ring is made P slots long, so that nothing is overwritten)."""
+        model = nnx.merge(self.graphdef, state)
+        c = self.config
+        p = tokens.shape[1]
+        empty = tuple((jnp.zeros((1, c.num_kv_heads, p, c.head_dim), self.cache_dtype),
+                       jnp.zeros((1, c.num_kv_heads, c.head_dim, p), self.cache_dtype))
+                      for _ in range(c.num_layers))
+        cache = KVCache(empty, jnp.full((p,), -1, jnp.int32), jnp.zeros((1,), jnp.int32),
+                        jnp.zeros((), jnp.int32))
+        _, cache = model(tokens, cache=cache, logits_at="none")
+        return tuple((k[0], v[0]) for k, v in cache.layers)
+
+    def _first(self, logits, cache, tokens, start, key, temperature, top_p, *, max_new, skey,
+               stops):
+        """The loop state after a prefill: each row's first token (traced, inside a jit)."""
+        b, t = tokens.shape
         if skey[3] != 1.0 or skey[4] > 0:  # repetition control: the prompt's history
             hist = jnp.concatenate([tokens, jnp.full((b, max_new), self.pad_id, jnp.int32)], 1)
             first = start.astype(jnp.int32) if skey[5] else jnp.full((b,), t, jnp.int32)
@@ -174,13 +253,38 @@ class Engine:
         return jax.lax.while_loop(cond, body, loop)
 
     # ---- driver ---------------------------------------------------------------------------
+    def cache_prefix(self, ids: Sequence[int]) -> CachedPrefix:
+        """Prefill ``ids`` once, for :meth:`start`'s ``prefix=`` (prompts that begin with
+        them). Compiles once per prefix length."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("a cached prefix needs at least one token")
+        if len(ids) > self.config.max_position_embeddings:
+            raise ValueError(f"a prefix of {len(ids)} tokens is longer than the model's context "
+                             f"of {self.config.max_position_embeddings}")
+        layers = self._prefix_kv(self.state, jnp.asarray([ids], jnp.int32))
+        return CachedPrefix(tuple(ids), layers)
+
+    def prefill_tail(self, prompts: Sequence[Sequence[int]],
+                     prefix: CachedPrefix | None) -> int:
+        """Columns of the padded prompt batch that :meth:`start` runs through the model:
+        all of them (the bucket) without a usable ``prefix``, else the bucket of the longest
+        part of a row that the prefix does not cover."""
+        t = bucket(max(len(p) for p in prompts))
+        if prefix is None:
+            return t
+        rest = max(max(len(p) - prefix.shared(p), 1) for p in prompts)
+        return min(bucket(rest), t)
+
     def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
               sampling: Sampling = Sampling(), ignore_eos: bool = False,
-              embeddings: jax.Array | None = None, image_id: jax.Array | None = None
-              ) -> DecodeState:
+              embeddings: jax.Array | None = None, image_id: jax.Array | None = None,
+              prefix: CachedPrefix | None = None) -> DecodeState:
         """Prefill a batch of token-id prompts (any lengths; left-padded to a bucket) and pick
         each row's first token. ``embeddings [B, T0, D]`` / ``image_id [B, T0]``: the decoder
-        input of right-aligned prompts (``T0`` the longest), for prompts with images."""
+        input of right-aligned prompts (``T0`` the longest), for prompts with images.
+        ``prefix``: a :meth:`cache_prefix` result; rows that begin with (part of) it prefill
+        only the rest (text prompts; the result is the same)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
@@ -206,9 +310,16 @@ class Engine:
         key = jax.random.key(sampling.seed)
         temp = jnp.float32(max(sampling.temperature, 1e-6))
         top_p = jnp.float32(sampling.top_p)
-        carry = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(start), embeddings,
-                              image_id, key, temp, top_p, cache_len=t + max_new, max_new=max_new,
-                              skey=sampling.static_key(), stops=stops)
+        tail = t if embeddings is not None else self.prefill_tail(prompts, prefix)
+        if tail < t:
+            carry = self._prefill_cached(self.state, prefix.layers, jnp.asarray(tokens),
+                                         jnp.asarray(start), key, temp, top_p,
+                                         cache_len=t + max_new, tail=tail, max_new=max_new,
+                                         skey=sampling.static_key(), stops=stops)
+        else:
+            carry = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(start),
+                                  embeddings, image_id, key, temp, top_p, cache_len=t + max_new,
+                                  max_new=max_new, skey=sampling.static_key(), stops=stops)
         return DecodeState(carry, key, temp, top_p, sampling, stops, max_new_tokens,
                            tuple(lengths))
 
@@ -222,11 +333,12 @@ class Engine:
 
     def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
                sampling: Sampling = Sampling(), chunk: int = 4, ignore_eos: bool = False,
-               embeddings: jax.Array | None = None, image_id: jax.Array | None = None
-               ) -> Iterator[list[list[int]]]:
+               embeddings: jax.Array | None = None, image_id: jax.Array | None = None,
+               prefix: CachedPrefix | None = None) -> Iterator[list[list[int]]]:
         """Yield, chunk by chunk, the new tokens of each row (empty once a row stopped)."""
         state = self.start(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                           ignore_eos=ignore_eos, embeddings=embeddings, image_id=image_id)
+                           ignore_eos=ignore_eos, embeddings=embeddings, image_id=image_id,
+                           prefix=prefix)
         stops = state.stops
         emitted = 0
         finished = [False] * len(prompts)
@@ -250,13 +362,13 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
                  sampling: Sampling = Sampling(), ignore_eos: bool = False,
-                 embeddings: jax.Array | None = None, image_id: jax.Array | None = None
-                 ) -> Generation:
+                 embeddings: jax.Array | None = None, image_id: jax.Array | None = None,
+                 prefix: CachedPrefix | None = None) -> Generation:
         """Generate for a batch of token-id prompts (of any lengths) in one compiled loop."""
         rows: list[list[int]] = [[] for _ in prompts]
         for piece in self.stream(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                  chunk=max_new_tokens, ignore_eos=ignore_eos,
-                                 embeddings=embeddings, image_id=image_id):
+                                 embeddings=embeddings, image_id=image_id, prefix=prefix):
             for r, ids in zip(rows, piece):
                 r.extend(ids)
         stops = set(self.stop_ids) if not ignore_eos else set()

@@ -10,10 +10,17 @@ a batch share their group. Each row's text streams to its own :class:`Row` as it
 a row (Stop) ends that row only, and the batch ends when every row has ended. A request that
 arrives while a batch runs waits for the next one (no continuous batching: the engine's rows
 share one cache layout from the prefill on).
+
+In base mode every prompt begins with the same few-shot frame: :class:`CoreBackend` prefills
+it once (``Engine.cache_prefix``) and each batch prefills only the questions after it.
+Each batch logs one ``batch timing {json}`` line (INFO): rows, the wait of its first request,
+prefill and decode seconds, the host time between chunks (text decoding, streaming) and when
+each row ended; ``benchmarks/demo_load.py`` sums them per run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -72,6 +79,7 @@ class Row:
         self._text = ""      # produced, stop strings not yet ruled out
         self._sent = 0       # characters of _text already queued
         self._key: Any = None
+        self.ended: float | None = None
 
     # ---- consumer side --------------------------------------------------------------------
     def cancel(self) -> None:
@@ -129,6 +137,7 @@ class Row:
 
     def _end(self, finish: str) -> None:
         self.finish = finish
+        self.ended = time.monotonic()
         self._queue.put(("end", finish))
 
     def _fail(self, message: str) -> None:
@@ -238,8 +247,10 @@ class Batcher:
             return
         for row in batch:
             row.batch_size = len(batch)
+        began = time.monotonic()
         try:
             self._decode(backend, batch)
+            _log_timing(backend, batch, began)
         except ValueError as exc:  # a prompt too long, an image for a text-only model, ...
             if len(batch) == 1:
                 batch[0]._fail(_one_line(exc))
@@ -269,6 +280,18 @@ class Batcher:
                 row._feed("", CANCELLED if row.cancelled else LENGTH)
 
 
+def _log_timing(backend: Any, batch: list[Row], began: float) -> None:
+    """One ``batch timing {json}`` line: the batcher's view (wait, total, row ends) and the
+    backend's own ``last_timing`` (prefill, decode, host) when it keeps one."""
+    end = time.monotonic()
+    info: dict[str, Any] = {"rows": len(batch),
+                            "wait_s": round(began - min(r.submitted for r in batch), 3),
+                            "total_s": round(end - began, 3),
+                            "row_ends_s": [round((r.ended or end) - began, 2) for r in batch]}
+    info.update(getattr(backend, "last_timing", None) or {})
+    log.info("batch timing %s", json.dumps(info))
+
+
 def _one_line(exc: BaseException) -> str:
     message = getattr(exc, "message", None)  # gradio.Error keeps its text there
     text = (message if isinstance(message, str) else str(exc)).strip().splitlines()
@@ -282,11 +305,33 @@ class CoreBackend:
     images on image-text models), base mode from the completion text; one
     ``engine.stream`` per batch, each row stopping at a stop token or its own token limit."""
 
-    def __init__(self, model: Any, mode: str, *, max_batch: int = 8, chunk: int = 4):
+    def __init__(self, model: Any, mode: str, *, max_batch: int = 8, chunk: int = 4,
+                 reuse_prefix: bool = True):
         self.model = model
         self.mode = mode
         self.max_batch = max_batch
         self.chunk = chunk
+        self.reuse_prefix = reuse_prefix
+        self._prefix: Any = None
+        self._lock = threading.Lock()
+        self.last_timing: dict[str, Any] | None = None
+
+    def prefix(self) -> Any:
+        """Base mode: the few-shot frame's ``CachedPrefix`` (made once), else None. The frame
+        is the token prefix that base prompts of two different questions share, less its
+        last token (the tokenizer may join that one to the question's first)."""
+        if self.mode != BASE or not self.reuse_prefix:
+            return None
+        with self._lock:
+            if self._prefix is None:
+                from .prompting import Turn, base_prompt
+
+                tok = self.model.tokenizer
+                a, b = (tok.encode(base_prompt("", [], Turn(q, 0)), add_bos=True)
+                        for q in ("What is a pneumothorax?", "Name a beta blocker."))
+                n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                self._prefix = self.model.engine.cache_prefix(a[:max(n - 1, 1)])
+            return self._prefix
 
     def group(self, request: Request) -> int:
         """The prompt-length bucket (text-only prompts; image-text ones share one group)."""
@@ -315,16 +360,54 @@ class CoreBackend:
             yield chunk[:n]
 
     def _run(self, requests: Sequence[Request]) -> Iterator[list[tuple[str, str | None]]]:
+        from medgemma_core.generate import bucket
+
+        began = time.perf_counter()
         prompts = self.prompts(requests)
+        prefix = self.prefix() if prompts.embeddings is None else None
         engine, tok = self.model.engine, self.model.tokenizer
         stops = set(engine.stop_ids)
         decoders = [tok.stream_decoder() for _ in requests]
         counts = [0] * len(requests)
         state: list[str | None] = [None] * len(requests)
         limit = max(r.max_new_tokens for r in requests)
-        for piece in engine.stream(prompts.ids, max_new_tokens=limit,
-                                   sampling=requests[0].sampling, chunk=self.chunk,
-                                   embeddings=prompts.embeddings, image_id=prompts.image_id):
+        timing: dict[str, Any] = {
+            "padded": len(requests), "tokens": bucket(max(len(p) for p in prompts.ids)),
+            "tail": engine.prefill_tail(prompts.ids, prefix) if prefix is not None else None,
+            "prompt_s": round(time.perf_counter() - began, 3), "prefill_s": 0.0,
+            "decode_s": 0.0, "chunks": 0, "steps": 0}
+        self.last_timing = timing
+        pieces = engine.stream(prompts.ids, max_new_tokens=limit,
+                               sampling=requests[0].sampling, chunk=self.chunk,
+                               embeddings=prompts.embeddings, image_id=prompts.image_id,
+                               prefix=prefix)
+        try:
+            yield from self._texts(pieces, requests, timing, decoders, counts, state, stops)
+        finally:
+            pieces.close()
+            timing["host_s"] = round(time.perf_counter() - began - timing["prefill_s"]
+                                     - timing["decode_s"] - timing["prompt_s"], 3)
+            timing["prefill_s"] = round(timing["prefill_s"], 3)
+            timing["decode_s"] = round(timing["decode_s"], 3)
+        yield [("" if s is not None else d.flush(), s or LENGTH) for d, s in zip(decoders, state)]
+
+    def _texts(self, pieces: Iterator[list[list[int]]], requests: Sequence[Request],
+               timing: dict[str, Any], decoders: list, counts: list[int],
+               state: list[str | None], stops: set[int]
+               ) -> Iterator[list[tuple[str, str | None]]]:
+        first = True
+        while True:
+            tick = time.perf_counter()
+            piece = next(pieces, None)
+            if piece is None:
+                return
+            spent = time.perf_counter() - tick
+            if first:  # the prefill and each row's first token
+                timing["prefill_s"], first = spent, False
+            else:
+                timing["decode_s"] += spent
+                timing["chunks"] += 1
+                timing["steps"] += max((len(ids) for ids in piece), default=0)
             out = []
             for r, ids in enumerate(piece):
                 text = ""
@@ -342,7 +425,6 @@ class CoreBackend:
                         text += decoders[r].flush()
                 out.append((text, state[r]))
             yield out
-        yield [("" if s is not None else d.flush(), s or LENGTH) for d, s in zip(decoders, state)]
 
 
 def batch_bucket(n: int, max_batch: int) -> int:
