@@ -13,6 +13,13 @@ users asking text questions only (the target: within 1.5x the time of one). Chec
 request is answered, none lost or mixed (each answer equals its own question's single-user
 answer, greedy). Prints one JSON object: p50 / p95 latency and throughput per user count,
 pass and server, the ratios, mismatches, and the load average.
+
+Each user's gradio_client session is opened before the users start together (the time is
+the questions', not the clients' set-up). Per run also the server's CPU seconds (from
+/proc, when this script started it) and its ``batch timing`` log lines summed: batches,
+prefill, decode and host seconds, decode steps, the last row's end. ``ratio_8_vs_1_text``
+divides by the one user's time for the first question; ``ratio_8_vs_slowest_alone`` by the
+slowest of the 8 questions asked alone (a batch lasts as long as its longest answer).
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_LINES: queue.Queue[str] = queue.Queue()  # the started server's log, as it comes
+
+
 def start_demo(max_batch: int, max_new: int) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
@@ -54,7 +64,9 @@ def start_demo(max_batch: int, max_new: int) -> tuple[subprocess.Popen, str]:
                              "--max-new-tokens", str(max_new), "--max-batch", str(max_batch),
                              "--queue-size", "256"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue[str] = queue.Queue()
+    lines = SERVER_LINES
+    while not lines.empty():
+        lines.get_nowait()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -92,10 +104,10 @@ def jobs(n: int, fixtures: Path, text_only: bool = False) -> list[tuple[str, str
     return out
 
 
-def ask(url: str, job: tuple[str, str | None]) -> tuple[str, float]:
+def ask(url: str, job: tuple[str, str | None], client=None) -> tuple[str, float]:
     from gradio_client import Client, handle_file
 
-    client = Client(url, verbose=False)  # its own session, as a separate user
+    client = client or Client(url, verbose=False)  # its own session, as a separate user
     message, file = job
     start = time.monotonic()
     if file is None:
@@ -105,26 +117,63 @@ def ask(url: str, job: tuple[str, str | None]) -> tuple[str, float]:
     return answer, time.monotonic() - start
 
 
-def run_users(url: str, n: int, fixtures: Path, reference: dict, text_only: bool = False
-              ) -> dict:
+def server_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+def batch_timings() -> dict:
+    """The server's ``batch timing`` lines logged since the last call, summed."""
+    rows = []
+    while not SERVER_LINES.empty():
+        line = SERVER_LINES.get_nowait()
+        if "batch timing " in line:
+            try:
+                rows.append(json.loads(line.split("batch timing ", 1)[1]))
+            except ValueError:
+                pass
+    if not rows:
+        return {}
+    total = {k: round(sum(r.get(k) or 0 for r in rows), 2)
+             for k in ("prefill_s", "decode_s", "host_s", "prompt_s", "total_s", "steps")}
+    return {"batches": [r["rows"] for r in rows], **total,
+            "tails": sorted({r.get("tail") or r.get("tokens") for r in rows} - {None}),
+            "max_wait_s": max(r.get("wait_s", 0) for r in rows),
+            "row_ends_s": [r.get("row_ends_s") for r in rows][:3]}
+
+
+def run_users(url: str, n: int, fixtures: Path, reference: dict, text_only: bool = False,
+              pid: int | None = None) -> dict:
+    from gradio_client import Client
+
     todo = jobs(n, fixtures, text_only)
     results: list[tuple[str, float] | BaseException | None] = [None] * n
-    barrier = threading.Barrier(n)
+    clients = [Client(url, verbose=False) for _ in range(n)]  # n sessions, set up first
+    barrier = threading.Barrier(n + 1)
 
     def user(k: int) -> None:
         barrier.wait()
         try:
-            results[k] = ask(url, todo[k])
+            results[k] = ask(url, todo[k], clients[k])
         except BaseException as exc:  # noqa: BLE001 (counted as unanswered)
             results[k] = exc
 
-    start = time.monotonic()
     threads = [threading.Thread(target=user, args=(k,)) for k in range(n)]
     for t in threads:
         t.start()
+    batch_timings()  # drop what came before
+    cpu0 = server_cpu_s(pid)
+    barrier.wait()
+    start = time.monotonic()
     for t in threads:
         t.join()
     wall = time.monotonic() - start
+    cpu1 = server_cpu_s(pid)
+    time.sleep(0.2)  # the last batch's timing line
     answered = [r for r in results if isinstance(r, tuple)]
     latencies = sorted(r[1] for r in answered)
     mismatched = [k for k, r in enumerate(results)
@@ -139,22 +188,25 @@ def run_users(url: str, n: int, fixtures: Path, reference: dict, text_only: bool
 
     return {"users": n, "text_only": text_only, "answered": len(answered), "errors": errors[:5],
             "mismatched": mismatched, "wall_s": round(wall, 2), "p50_s": pct(0.5),
-            "p95_s": pct(0.95), "throughput_rps": round(len(answered) / wall, 3)}
+            "p95_s": pct(0.95), "throughput_rps": round(len(answered) / wall, 3),
+            "server_cpu_s": None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 2),
+            "server": batch_timings(), "loadavg": os.getloadavg()[0]}
 
 
-def bench(url: str, users: list[int], fixtures: Path) -> dict:
+def bench(url: str, users: list[int], fixtures: Path, pid: int | None = None) -> dict:
     ready_s = wait_ready(url)
     log(f"first answer after {ready_s:.0f} s")
-    reference = {}
+    reference, alone = {}, {}
     for job in sorted({j for n in [*users, 8] for t in (False, True)
                        for j in jobs(n, fixtures, t)}, key=str):
-        reference[job] = ask(url, job)[0]  # alone: the single-user answer
+        reference[job], alone[job] = ask(url, job)  # alone: the single-user answer
     log(f"{len(reference)} single-user answers")
-    out: dict = {"first_answer_s": round(ready_s, 1)}
+    out: dict = {"first_answer_s": round(ready_s, 1),
+                 "alone_text_s": [round(alone[j], 2) for j in jobs(8, fixtures, True)]}
     for name in ("cold", "warm"):
-        runs = [run_users(url, n, fixtures, reference) for n in users]
-        runs += [run_users(url, 8, fixtures, reference, text_only=True),
-                 run_users(url, 1, fixtures, reference, text_only=True)]
+        runs = [run_users(url, n, fixtures, reference, pid=pid) for n in users]
+        runs += [run_users(url, 8, fixtures, reference, text_only=True, pid=pid),
+                 run_users(url, 1, fixtures, reference, text_only=True, pid=pid)]
         log(f"{name}: " + ", ".join(f"{r['users']}{'t' if r['text_only'] else ''} users "
                                    f"{r['wall_s']} s" for r in runs))
         out[name] = runs
@@ -162,6 +214,10 @@ def bench(url: str, users: list[int], fixtures: Path) -> dict:
     if (1, False) in by and (8, False) in by:
         out["ratio_8_vs_1"] = round(by[8, False]["wall_s"] / by[1, False]["wall_s"], 2)
     out["ratio_8_vs_1_text"] = round(by[8, True]["wall_s"] / by[1, True]["wall_s"], 2)
+    out["ratio_8_vs_slowest_alone"] = round(by[8, True]["wall_s"] / max(out["alone_text_s"]), 2)
+    if by[8, True]["server_cpu_s"] and by[1, True]["server_cpu_s"]:
+        out["cpu_ratio_8_vs_1_text"] = round(by[8, True]["server_cpu_s"]
+                                             / by[1, True]["server_cpu_s"], 2)
     return out
 
 
@@ -187,7 +243,7 @@ def main() -> None:
             proc, url = start_demo(max_batch, args.max_new_tokens)
         try:
             log(f"{name}: {url}")
-            out[name] = bench(url, args.users, fixtures)
+            out[name] = bench(url, args.users, fixtures, None if proc is None else proc.pid)
         finally:
             if proc is not None:
                 proc.send_signal(signal.SIGINT)

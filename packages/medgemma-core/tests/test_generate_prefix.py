@@ -9,6 +9,8 @@ does not (slots still empty, written one by one).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -35,25 +37,29 @@ def _prompts():
 REPEAT = Sampling(repetition_penalty=1.3, no_repeat_ngram_size=2)
 
 
-@pytest.fixture(scope="module", params=[8, pytest.param(48, marks=pytest.mark.slow)],
-                ids=["window8", "window48"])
-def engine(request):
-    cfg = Gemma3Config.tiny(vocab_size=128, sliding_window=request.param)
+@functools.cache
+def _engine(window: int) -> Engine:
+    cfg = Gemma3Config.tiny(vocab_size=128, sliding_window=window)
     return Engine(Gemma3(cfg, rngs=nnx.Rngs(3)), stop_ids=(1,), pad_id=0)
 
 
-def test_the_prefix_path_runs_only_the_uncovered_columns(engine):
+def test_the_prefix_path_runs_only_the_uncovered_columns():
+    engine = _engine(8)
     prefix = engine.cache_prefix(PREFIX)
     prompts = _prompts()
     assert [prefix.shared(p) for p in prompts] == [40, 40, 30, 25, 38]
     assert bucket(max(map(len, prompts))) == 64
-    assert engine.prefill_tail(prompts, prefix) == 32  # so start() takes the cached path
+    assert engine.prefill_tail(prompts, prefix) == 16  # so start() takes the cached path
     assert engine.prefill_tail(prompts, None) == 64
     # a row that shares too little to fit in the tail: the whole batch prefills in full
     assert engine.prefill_tail([*prompts, OTHER + PREFIX], prefix) == 64
 
 
-def test_cached_prefix_fills_the_cache_as_the_full_prefill_does(engine):
+@pytest.mark.parametrize("window", [8, 64])
+def test_cached_prefix_fills_the_cache_as_the_full_prefill_does(window):
+    """Window 8: the 16 columns overrun the ring (a rotation); 64: they do not, and some ring
+    slots are still empty after the prefix's 48 columns."""
+    engine = _engine(window)
     prefix = engine.cache_prefix(PREFIX)
     prompts = _prompts()
     # the settings of the next test (its compiled prefills are these)
@@ -80,12 +86,14 @@ def test_cached_prefix_fills_the_cache_as_the_full_prefill_does(engine):
     assert np.array_equal(np.asarray(cached.token), np.asarray(plain.token))
 
 
-@pytest.mark.parametrize("sampling", [
-    REPEAT, pytest.param(Sampling(), marks=pytest.mark.slow),
-    pytest.param(Sampling(repetition_penalty=1.3, no_repeat_ngram_size=3,
-                          penalize_prompt=False), marks=pytest.mark.slow)],
-    ids=["repetition", "greedy", "answer-only"])
-def test_greedy_answers_with_the_cached_prefix_equal_the_full_prefill(engine, sampling):
+@pytest.mark.parametrize(("window", "sampling"), [
+    (8, REPEAT), pytest.param(64, REPEAT, marks=pytest.mark.slow),
+    pytest.param(8, Sampling(), marks=pytest.mark.slow),
+    pytest.param(8, Sampling(repetition_penalty=1.3, no_repeat_ngram_size=3,
+                             penalize_prompt=False), marks=pytest.mark.slow)],
+    ids=["repetition", "repetition-window64", "greedy", "answer-only"])
+def test_greedy_answers_with_the_cached_prefix_equal_the_full_prefill(window, sampling):
+    engine = _engine(window)
     prefix = engine.cache_prefix(PREFIX)
     prompts = _prompts()
     want = engine.generate(prompts, max_new_tokens=20, sampling=sampling, ignore_eos=True)
@@ -97,7 +105,8 @@ def test_greedy_answers_with_the_cached_prefix_equal_the_full_prefill(engine, sa
 
 
 @pytest.mark.slow
-def test_a_row_alone_through_the_prefix_answers_as_in_the_batch(engine):
+def test_a_row_alone_through_the_prefix_answers_as_in_the_batch():
+    engine = _engine(8)
     prefix = engine.cache_prefix(PREFIX)
     prompts = _prompts()
     want = engine.generate(prompts, max_new_tokens=20, ignore_eos=True)
@@ -105,6 +114,7 @@ def test_a_row_alone_through_the_prefix_answers_as_in_the_batch(engine):
     assert alone.token_ids[0] == want.token_ids[1]
 
 
-def test_a_prefix_needs_tokens(engine):
+def test_a_prefix_needs_tokens():
+    engine = _engine(8)
     with pytest.raises(ValueError, match="at least one token"):
         engine.cache_prefix([])

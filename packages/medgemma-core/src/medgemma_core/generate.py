@@ -42,6 +42,11 @@ PROMPT_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144
                   16384, 24576, 32768, 49152, 65536, 98304, 131072)
 
 
+#: Buckets of the columns a cached prefix leaves to prefill (a question after a few-shot
+#: frame is often under 16 tokens).
+TAIL_BUCKETS = (16, *PROMPT_BUCKETS)
+
+
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
     """Turn on JAX's persistent compilation cache, so that the next process skips compiling
     (``~/.cache/medgemma/jax``; ``path`` or MEDGEMMA_JAX_CACHE=DIR moves it,
@@ -274,7 +279,7 @@ class Engine:
         if prefix is None:
             return t
         rest = max(max(len(p) - prefix.shared(p), 1) for p in prompts)
-        return min(bucket(rest), t)
+        return min(bucket(rest, TAIL_BUCKETS), t)
 
     def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
               sampling: Sampling = Sampling(), ignore_eos: bool = False,
