@@ -31,13 +31,12 @@ allow- and deny-list plugin names; two plugins registering one name are both nam
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata as md
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pluggy
 
-from .stages import PROJECT, _names
+from .stages import PROJECT
 
 __all__ = ["CXR_LABELS", "ENTRY_POINT_GROUP", "RewardSpec", "Sample", "get_reward", "hookimpl",
            "list_rewards", "reward_problems", "score"]
@@ -154,44 +153,35 @@ class _Registry:
 _REGISTRY: _Registry | None = None
 
 
-def _plugins() -> list[tuple[str, str, Callable[[], Any]]]:
-    out: list[tuple[str, str, Callable[[], Any]]] = [("builtin", "medgemma-train", _Builtin)]
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
-        out.append((ep.name, ep.dist.name if ep.dist is not None else "?", ep.load))
-    return out
+def _plugins() -> list[Any]:
+    from medgemma_train import __version__
+    from medgemma_train.plugins import PluginSource, entry_point_sources
+
+    return [PluginSource("builtin", "medgemma-train", __version__, lambda: _Builtin),
+            *entry_point_sources(ENTRY_POINT_GROUP)]
 
 
 def _load() -> _Registry:
+    from medgemma_train.plugins import Failure, load_plugins
+
     reg = _Registry()
-    allow, deny = _names("MEDGEMMA_TRAIN_PLUGINS"), _names("MEDGEMMA_TRAIN_DISABLE_PLUGINS") or set()
-    for plugin, dist, loader in _plugins():
-        if plugin in deny or (allow is not None and plugin not in allow):
+    loaded = load_plugins(PROJECT, _Hooks, "medgemma_train_rewards", RewardSpec, _plugins(),
+                          allow_env="MEDGEMMA_TRAIN_PLUGINS",
+                          deny_env="MEDGEMMA_TRAIN_DISABLE_PLUGINS", instantiate=True)
+    for event in loaded.events:
+        plugin, dist = event.source.name, event.source.distribution
+        if isinstance(event, Failure):
+            reg.problems.append(f"reward plugin {plugin} ({dist}): {event.text}")
             continue
-        pm = pluggy.PluginManager(PROJECT)
-        pm.add_hookspecs(_Hooks)
-        found: list[RewardSpec] = []
-
-        def register(spec: RewardSpec, _found: list = found) -> None:
-            if not isinstance(spec, RewardSpec):
-                raise TypeError(f"register() takes a RewardSpec, got {type(spec).__name__}")
-            _found.append(spec)
-
-        try:
-            obj = loader()
-            pm.register(obj() if isinstance(obj, type) else obj, name=plugin)
-            pm.hook.medgemma_train_rewards(register=register)
-        except Exception as exc:  # noqa: BLE001 (a broken plugin is reported, not fatal)
-            reg.problems.append(f"reward plugin {plugin} ({dist}): {type(exc).__name__}: {exc}")
+        spec = event.record
+        if spec.name in reg.specs:
+            other = reg.specs[spec.name][1]
+            msg = (f"reward {spec.name!r} is registered by both {other} and {dist} "
+                   f"({plugin}); disable one with MEDGEMMA_TRAIN_DISABLE_PLUGINS")
+            reg.conflicts[spec.name] = msg
+            reg.problems.append(msg)
             continue
-        for spec in found:
-            if spec.name in reg.specs:
-                other = reg.specs[spec.name][1]
-                msg = (f"reward {spec.name!r} is registered by both {other} and {dist} "
-                       f"({plugin}); disable one with MEDGEMMA_TRAIN_DISABLE_PLUGINS")
-                reg.conflicts[spec.name] = msg
-                reg.problems.append(msg)
-                continue
-            reg.specs[spec.name] = (spec, f"{dist} ({plugin})")
+        reg.specs[spec.name] = (spec, f"{dist} ({plugin})")
     for name in reg.conflicts:
         reg.specs.pop(name, None)
     return reg

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.metadata as md
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -157,55 +155,44 @@ _REGISTRY: _Registry | None = None
 
 
 def _names(env: str) -> set[str] | None:
-    raw = os.environ.get(env)
-    return None if raw is None else {n.strip() for n in raw.split(",") if n.strip()}
+    from medgemma_train.plugins import env_names
+
+    return env_names(env)
 
 
-def _plugins() -> list[tuple[str, str, str, Callable[[], Any]]]:
-    """(plugin name, distribution, version, loader) of the built-ins and the entry points."""
+def _plugins() -> list[Any]:
+    """The built-ins' and the entry points' :class:`~medgemma_train.plugins.PluginSource` s."""
     from medgemma_train import __version__
+    from medgemma_train.plugins import PluginSource, entry_point_sources
 
-    out = [(BUILTIN[0], "medgemma-train", __version__,
-            lambda m=module: importlib.import_module(m)) for module in BUILTIN[1]]
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist is not None else "?"
-        version = ep.dist.version if ep.dist is not None else "?"
-        out.append((ep.name, dist, version, ep.load))
-    return out
+    out = [PluginSource(BUILTIN[0], "medgemma-train", __version__,
+                        lambda m=module: importlib.import_module(m)) for module in BUILTIN[1]]
+    return out + entry_point_sources(ENTRY_POINT_GROUP)
 
 
 def _load() -> _Registry:
+    from medgemma_train.plugins import Failure, load_plugins
+
     reg = _Registry()
-    allow, deny = _names("MEDGEMMA_TRAIN_PLUGINS"), _names("MEDGEMMA_TRAIN_DISABLE_PLUGINS") or set()
-    for plugin, dist, version, loader in _plugins():
-        if plugin in deny or (allow is not None and plugin not in allow):
+    loaded = load_plugins(PROJECT, _Hooks, "medgemma_train_stages", StageSpec, _plugins(),
+                          allow_env="MEDGEMMA_TRAIN_PLUGINS",
+                          deny_env="MEDGEMMA_TRAIN_DISABLE_PLUGINS")
+    for event in loaded.events:
+        plugin, dist = event.source.name, event.source.distribution
+        if isinstance(event, Failure):
+            reg.problems.append(StageProblem(plugin, dist, event.text))
             continue
-        pm = pluggy.PluginManager(PROJECT)
-        pm.add_hookspecs(_Hooks)
-        found: list[StageSpec] = []
-
-        def register(spec: StageSpec, _found: list = found) -> None:
-            if not isinstance(spec, StageSpec):
-                raise TypeError(f"register() takes a StageSpec, got {type(spec).__name__}")
-            _found.append(spec)
-
-        try:
-            pm.register(loader(), name=plugin)
-            pm.hook.medgemma_train_stages(register=register)
-        except Exception as exc:  # noqa: BLE001 (a broken plugin is reported, not fatal)
-            reg.problems.append(StageProblem(plugin, dist, f"{type(exc).__name__}: {exc}"))
+        spec = event.record
+        info = StageInfo(spec.name, spec.description, plugin, dist, event.source.version)
+        if spec.name in reg.specs:
+            other = reg.specs[spec.name][1]
+            msg = (f"stage {spec.name!r} is registered by both {other.distribution} "
+                   f"({other.plugin}) and {dist} ({plugin}); disable one with "
+                   f"MEDGEMMA_TRAIN_DISABLE_PLUGINS")
+            reg.conflicts[spec.name] = msg
+            reg.problems.append(StageProblem(plugin, dist, msg))
             continue
-        for spec in found:
-            info = StageInfo(spec.name, spec.description, plugin, dist, version)
-            if spec.name in reg.specs:
-                other = reg.specs[spec.name][1]
-                msg = (f"stage {spec.name!r} is registered by both {other.distribution} "
-                       f"({other.plugin}) and {dist} ({plugin}); disable one with "
-                       f"MEDGEMMA_TRAIN_DISABLE_PLUGINS")
-                reg.conflicts[spec.name] = msg
-                reg.problems.append(StageProblem(plugin, dist, msg))
-                continue
-            reg.specs[spec.name] = (spec, info)
+        reg.specs[spec.name] = (spec, info)
     for name in reg.conflicts:
         reg.specs.pop(name, None)
     return reg

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
 
 import pluggy
 
+from ..plugins import Failure, PluginSource, entry_point_sources, load_plugins
 from . import hookspecs
 from .spec import EvalError, EvalTask, TaskInfo
 
@@ -61,11 +60,6 @@ class Registry:
         return self.tasks[name].task
 
 
-def _names(var: str) -> set[str] | None:
-    raw = os.environ.get(var)
-    return None if raw is None else {n.strip() for n in raw.split(",") if n.strip()}
-
-
 def _version(dist: str) -> str:
     try:
         return md.version(dist)
@@ -73,60 +67,32 @@ def _version(dist: str) -> str:
         return "0+unknown"
 
 
-def _sources() -> list[tuple[str, str, str, Any]]:
+def _sources() -> list[PluginSource]:
     own = _version(DISTRIBUTION)
-    found: list[tuple[str, str, str, Any]] = [
-        (BUILTIN[0], DISTRIBUTION, own, lambda: importlib.import_module(BUILTIN[1]))]
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist is not None else "unknown"
-        version = ep.dist.version if ep.dist is not None else "unknown"
-        found.append((ep.name, dist, version, ep.load))
-    return found
+    return [PluginSource(BUILTIN[0], DISTRIBUTION, own,
+                         lambda: importlib.import_module(BUILTIN[1])),
+            *entry_point_sources(ENTRY_POINT_GROUP, unknown="unknown")]
 
 
 def build_registry(extra: Iterable[tuple[str, ModuleType, str, str]] = ()) -> Registry:
     """Load every allowed plugin and collect the tasks it registers. ``extra``: ``(name,
     module, distribution, version)`` registered as if from an entry point (tests)."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    registry = Registry(pm)
-    allow, deny = _names(ENV_ALLOW), _names(ENV_DENY) or set()
-    sources = _sources() + [(n, d, v, (lambda m=m: m)) for n, m, d, v in extra]
+    sources = _sources() + [PluginSource(n, d, v, (lambda m=m: m)) for n, m, d, v in extra]
+    loaded = load_plugins(hookspecs.PROJECT, hookspecs, "medgemma_eval_tasks", EvalTask, sources,
+                          allow_env=ENV_ALLOW, deny_env=ENV_DENY, unique_names=True,
+                          check_pending=True)
+    registry = Registry(loaded.pm)
     claimed: dict[str, list[TaskInfo]] = {}
-    for name, dist, version, load in sources:
-        if (allow is not None and name not in allow) or name in deny:
+    for event in loaded.events:
+        src = event.source
+        if isinstance(event, Failure):
+            what = "failed to load" if event.phase == "load" else "failed to register"
+            registry.problems.append(PluginProblem(src.name, src.distribution,
+                                                   f"{what}: {event.text}"))
             continue
-        try:
-            module = load()
-            if pm.has_plugin(name):
-                raise ValueError(f"plugin name {name!r} is already taken")
-            pm.register(module, name=name)
-            pm.check_pending()
-        except Exception as exc:  # a broken plugin is reported, not fatal
-            if pm.has_plugin(name) and pm.get_plugin(name) is not None:
-                pm.unregister(name=name)
-            registry.problems.append(PluginProblem(
-                name, dist, f"failed to load: {type(exc).__name__}: {exc}"))
-            continue
-        plugin = pm.get_plugin(name)
-        others = [p for p in pm.get_plugins() if p is not plugin]
-        caller = pm.subset_hook_caller("medgemma_eval_tasks", remove_plugins=others)
-        mine: list[EvalTask] = []
-
-        def register(task: EvalTask, _mine: list[EvalTask] = mine) -> None:
-            if not isinstance(task, EvalTask):
-                raise TypeError(f"register() takes an EvalTask, got {type(task).__name__}")
-            _mine.append(task)
-
-        try:
-            caller(register=register)
-        except Exception as exc:
-            registry.problems.append(PluginProblem(
-                name, dist, f"failed to register: {type(exc).__name__}: {exc}"))
-            pm.unregister(plugin)
-            continue
-        for task in mine:
-            claimed.setdefault(task.name, []).append(TaskInfo(task, name, dist, version))
+        task = event.record
+        claimed.setdefault(task.name, []).append(TaskInfo(task, src.name, src.distribution,
+                                                          src.version))
     for task_name, infos in claimed.items():
         if len(infos) == 1:
             registry.tasks[task_name] = infos[0]
