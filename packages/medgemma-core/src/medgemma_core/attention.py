@@ -6,6 +6,11 @@ derived from those indices, the query indices and each row's first real index (l
     visible(b, t, s) = start[b] <= kidx[s] <= qidx[t]              (causal, no padding)
                        and (global or qidx[t] - kidx[s] < window)  (sliding window, one-sided)
                        or the pair lies in the same image block    (bidirectional, windowed)
+                       and seg[b, t] == seg[b, s]                   (packed rows, if given)
+
+Packed rows (``segment_id`` [B, T], training only): a query sees only keys of its own segment;
+RoPE positions restart at each segment (the caller's ``positions``), and since a segment is a
+contiguous run of indices, causality and the window count within the segment.
 
 Cost follows the mask: short runs (at most QUERY_BLOCK queries) take one dense score matrix;
 longer ones on local layers without image blocks compute only the window band (query blocks
@@ -44,17 +49,21 @@ class AttnInputs:
 
     q_index [T] absolute index of each new token (the same for every row);
     start [B] first real index of each row; positions [B, T] RoPE positions;
-    image_id [B, T] image block of each new token (0 = text), or None.
+    image_id [B, T] image block of each new token (0 = text), or None;
+    segment_id [B, T] packed-row segment of each token (no cache: keys are the queries), or None.
     """
 
     q_index: jax.Array
     start: jax.Array
     positions: jax.Array
     image_id: jax.Array | None = None
+    segment_id: jax.Array | None = None
 
 
-def make_mask(qidx, kidx, start, window: int | None, q_img=None, k_img=None) -> jax.Array:
-    """Boolean mask [B, T, S] from query indices [T], key indices [S] and row starts [B]."""
+def make_mask(qidx, kidx, start, window: int | None, q_img=None, k_img=None, q_seg=None,
+              k_seg=None) -> jax.Array:
+    """Boolean mask [B, T, S] from query indices [T], key indices [S] and row starts [B];
+    optionally image blocks and segments ([B, T] and [B, S] each)."""
     q = qidx[None, :, None]
     k = kidx[None, None, :]
     valid = (k >= 0) & (k >= start[:, None, None])
@@ -65,6 +74,8 @@ def make_mask(qidx, kidx, start, window: int | None, q_img=None, k_img=None) -> 
     mask = valid & causal
     if window is not None:
         mask = mask & (q - k < window)
+    if q_seg is not None:
+        mask = mask & (q_seg[:, :, None] == k_seg[:, None, :])
     return mask
 
 
@@ -112,15 +123,19 @@ class Attention(nnx.Module):
             return self._decode_step(q, k, v, inp, cache, ring_index)
         k_img = inp.image_id
         band = self.window is not None and k_img is None and t > QUERY_BLOCK
+        seg = inp.segment_id
+        if seg is not None and cache is not None:
+            raise ValueError("segment_id (packed rows) is for whole sequences; run without a "
+                             "KV cache")
         if cache is None:
             if band:
                 out = _maybe_cudnn(self, q, k, v, inp, lambda: self._banded(
-                    q, k, v, inp.q_index, inp.q_index, inp.start, 0))
+                    q, k, v, inp.q_index, inp.q_index, inp.start, 0, seg))
                 return self._project(out), None
             keys, values, kidx, new_cache = k, v, inp.q_index, None
             if self.window is None and k_img is None:
                 out = _maybe_cudnn(self, q, k, v, inp, lambda: self._attend(
-                    q, keys, values, inp.q_index, kidx, inp.start, None, None))
+                    q, keys, values, inp.q_index, kidx, inp.start, None, None, seg))
                 return self._project(out), None
         elif self.window is None:  # global: write at the absolute indices, attend to all slots
             ck, cv = cache
@@ -169,7 +184,7 @@ class Attention(nnx.Module):
             out = jax.lax.cond(jnp.all(ring_index < 0), fresh, with_ring, None)
             return self._project(out), new_cache
         q_img = inp.image_id if k_img is not None else None
-        out = self._attend(q, keys, values, inp.q_index, kidx, inp.start, q_img, k_img)
+        out = self._attend(q, keys, values, inp.q_index, kidx, inp.start, q_img, k_img, seg)
         return self._project(out), new_cache
 
     def _project(self, out):
@@ -210,20 +225,22 @@ class Attention(nnx.Module):
                      jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, slot)))
         return out, new_cache
 
-    def _attend(self, q, k, v, qidx, kidx, start, q_img, k_img):
+    def _attend(self, q, k, v, qidx, kidx, start, q_img, k_img, seg=None):
         """q [B, T, H, Hd], k [B, K, S, Hd], v [B, K, Hd, S] -> [B, T, H, Hd]: one dense score
-        matrix for at most QUERY_BLOCK queries, else the blocked online-softmax path."""
+        matrix for at most QUERY_BLOCK queries, else the blocked online-softmax path. ``seg``
+        [B, T]: segments of packed rows (then the keys are the queries)."""
         if q.shape[1] <= QUERY_BLOCK:
-            mask = make_mask(qidx, kidx, start, self.window, q_img, k_img)
+            mask = make_mask(qidx, kidx, start, self.window, q_img, k_img, seg, seg)
             return self._attend_block(q, k, v, mask)
-        return self._flash(q, k, v, qidx, kidx, start, q_img, k_img)
+        return self._flash(q, k, v, qidx, kidx, start, q_img, k_img, seg)
 
-    def _banded(self, q, k, v, qidx, kidx, start, front: int):
+    def _banded(self, q, k, v, qidx, kidx, start, front: int, seg=None):
         """Sliding-window attention over the band only (no image blocks). The keys are
         ``front`` earlier slots followed by the T new ones, all in index order (empty slots,
         index -1, first), so query t's window lies in key positions [front + t - W + 1,
         front + t]: each block of LOCAL_BLOCK queries reads the W + LOCAL_BLOCK keys ending at
-        its own last one (``dynamic_slice``). O(T·W) compute and memory."""
+        its own last one (``dynamic_slice``). O(T·W) compute and memory. ``seg`` [B, T]: the
+        segments of packed rows (``front`` = 0)."""
         b, t, h, hd = q.shape
         w, bq = self.window, LOCAL_BLOCK
         n = -(-t // bq)
@@ -231,26 +248,33 @@ class Attention(nnx.Module):
         q, qidx = _pad_queries(q, qidx, n * bq)
         size = max(front + n * bq, span)
         k, v, kidx = _pad_keys(k, v, kidx, size)
+        kseg = qseg = None
+        if seg is not None:
+            kseg = jnp.pad(seg, ((0, 0), (0, size - seg.shape[1])))
+            qseg = jnp.pad(seg, ((0, 0), (0, n * bq - t))).reshape(b, n, bq).swapaxes(0, 1)
 
         def one(block):
-            i, qb, qi = block
+            i, qb, qi, qs = block
             # dynamic_slice clamps the end into range, but wraps negative starts around
             s0 = jnp.maximum(i * bq + front - w, 0)
             kb = jax.lax.dynamic_slice_in_dim(k, s0, span, axis=2)
             vb = jax.lax.dynamic_slice_in_dim(v, s0, span, axis=3)
             ki = jax.lax.dynamic_slice_in_dim(kidx, s0, span)
-            return self._attend_block(qb, kb, vb, make_mask(qi, ki, start, w))
+            ks = None if kseg is None else jax.lax.dynamic_slice_in_dim(kseg, s0, span, axis=1)
+            return self._attend_block(qb, kb, vb, make_mask(qi, ki, start, w, q_seg=qs,
+                                                            k_seg=ks))
 
         blocks = (jnp.arange(n, dtype=jnp.int32), q.reshape(b, n, bq, h, hd).swapaxes(0, 1),
-                  qidx.reshape(n, bq))
+                  qidx.reshape(n, bq), qseg)
         out = jax.lax.map(one, blocks)
         return out.swapaxes(0, 1).reshape(b, n * bq, h, hd)[:, :t]
 
-    def _flash(self, q, k, v, qidx, kidx, start, q_img, k_img):
+    def _flash(self, q, k, v, qidx, kidx, start, q_img, k_img, seg=None):
         """Blocked online-softmax attention: query blocks (``lax.map``, each rematerialized in
         the backward pass) scan key blocks of FLASH_BLOCK, skipping (``lax.cond``) every block
-        pair that the causal order, the window, empty slots and image ranges rule out. Memory
-        O(T·block) forward and backward."""
+        pair that the causal order, the window, empty slots, image ranges and segment ranges
+        (packed rows: ``seg`` [B, T], keys = queries) rule out. Memory O(T·block) forward and
+        backward."""
         b, t, h, hd = q.shape
         kh, g, bs = k.shape[1], self.groups, FLASH_BLOCK
         nq, nk = -(-t // bs), -(-k.shape[2] // bs)
@@ -276,18 +300,27 @@ class Attention(nnx.Module):
             img_k = (jnp.min(jnp.where(km > 0, km, _BIG), axis=(1, 2)), km.max(axis=(1, 2)))
         else:
             qm = km = img_q = img_k = None
+        qs = ks = seg_q = seg_k = None
+        if seg is not None:  # range of the segment ids in each block, over the batch
+            qs = jnp.pad(seg, ((0, 0), (0, nq * bs - t))).reshape(b, nq, bs).swapaxes(0, 1)
+            ks = jnp.pad(seg, ((0, 0), (0, nk * bs - t)), constant_values=-1)
+            ks = ks.reshape(b, nk, bs).swapaxes(0, 1)
+            seg_q = (qs.min(axis=(1, 2)), qs.max(axis=(1, 2)))
+            seg_k = (ks.min(axis=(1, 2)), ks.max(axis=(1, 2)))
         window, softcap, dtype = self.window, self.softcap, q.dtype
 
         def q_block(args):
-            qb, qib, qmb, lo, hi, iq = args
+            qb, qib, qmb, lo, hi, iq, qsb, sq = args
 
             def k_block(carry, kargs):
-                kbb, vbb, kib, kmb, klo, khi, ik = kargs
+                kbb, vbb, kib, kmb, klo, khi, ik, ksb, sk = kargs
                 live = (khi >= 0) & (klo <= hi)
                 if images:
                     live = (khi >= 0) & ((klo <= hi) | ((ik[0] <= iq[1]) & (iq[0] <= ik[1])))
                 if window is not None:
                     live = live & (lo - khi < window)
+                if sq is not None:
+                    live = live & (sk[0] <= sq[1]) & (sq[0] <= sk[1])
 
                 def compute(c):
                     m, l_, acc = c
@@ -295,7 +328,8 @@ class Attention(nnx.Module):
                     sc = sc.astype(jnp.float32)
                     if softcap is not None:
                         sc = jnp.tanh(sc / softcap) * softcap
-                    mask = make_mask(qib, kib, start, window, qmb, kmb)[:, None, None]
+                    mask = make_mask(qib, kib, start, window, qmb, kmb, qsb,
+                                     ksb)[:, None, None]
                     sc = jnp.where(mask, sc, NEG_INF)
                     m_new = jnp.maximum(m, sc.max(axis=-1))
                     p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
@@ -309,11 +343,12 @@ class Attention(nnx.Module):
             init = (jnp.full((b, kh, g, bs), NEG_INF, jnp.float32),
                     jnp.zeros((b, kh, g, bs), jnp.float32),
                     jnp.zeros((b, kh, g, bs, hd), jnp.float32))
-            (_, l_, acc), _ = jax.lax.scan(k_block, init, (kb, vb, ki, km, k_lo, k_hi, img_k))
+            (_, l_, acc), _ = jax.lax.scan(k_block, init,
+                                           (kb, vb, ki, km, k_lo, k_hi, img_k, ks, seg_k))
             out = acc / jnp.where(l_ > 0, l_, 1.0)[..., None]  # fully masked rows: zeros
             return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, bs, h, hd)
 
-        out = jax.lax.map(jax.checkpoint(q_block), (q, qi, qm, q_lo, q_hi, img_q))
+        out = jax.lax.map(jax.checkpoint(q_block), (q, qi, qm, q_lo, q_hi, img_q, qs, seg_q))
         return out.swapaxes(0, 1).reshape(b, nq * bs, h, hd)[:, :t]
 
     def _attend_block(self, q, k, v, mask):
@@ -352,9 +387,12 @@ def _pad_keys(k, v, kidx, size):
 def _maybe_cudnn(attn: Attention, q, k, v, inp: AttnInputs, xla):
     """On GPUs, whole sequences that cuDNN's fused attention covers (bf16/f16, no softcap, no
     image blocks; causal, optionally a window) run there when no row is left-padded (a
-    runtime ``lax.cond``; padded batches take ``xla()``). Elsewhere ``xla()``."""
+    runtime ``lax.cond``; padded batches take ``xla()``). Elsewhere ``xla()``. Packed rows
+    (segments) stay on ``xla()``: jax 0.10's ``dot_product_attention`` takes sequence lengths,
+    not segment ids."""
     if (jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16)
-            or attn.softcap is not None or inp.image_id is not None or q.shape[-1] > 256):
+            or attn.softcap is not None or inp.image_id is not None or q.shape[-1] > 256
+            or inp.segment_id is not None):
         return xla()
     window = None if attn.window is None else (attn.window - 1, 0)
 

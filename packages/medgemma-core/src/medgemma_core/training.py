@@ -44,11 +44,12 @@ import numpy as np
 from flax import nnx
 
 from .multimodal import Gemma3Multimodal, image_blocks
+from .packing import check_segment_ids, pack_rows
 from .processor import IGNORE_INDEX, TrainingBatch
 from .transformer import Gemma3
 
 __all__ = ["DEFAULT_CHUNK", "IGNORE_INDEX", "TrainBatch", "forward_hidden", "in_compute_dtype",
-           "naive_next_token_loss", "next_token_loss"]
+           "naive_next_token_loss", "next_token_loss", "pack_rows"]
 
 #: Tokens projected onto the vocabulary at a time by :func:`next_token_loss`: 512 x 262,208
 #: float32 logits are 537 MB.
@@ -65,13 +66,16 @@ class TrainBatch:
     ``tokens``, ``labels`` (input-aligned, ``IGNORE_INDEX`` where no loss), ``attention_mask``:
     int32 ``[B, T]`` (1 for real tokens; right or left padding). ``pixels``: float32
     ``[B, N, S, S, 3]`` normalized images in ``N`` slots per row (zeros in unused slots) and
-    ``image_mask`` bool ``[B, N]``, or both None (text only)."""
+    ``image_mask`` bool ``[B, N]``, or both None (text only). ``segment_ids``: int32 ``[B, T]``
+    for packed text-only rows (:func:`pack_rows`): ``1..n`` the sequences of a row in order,
+    ``0`` padding; each segment is attended, positioned (RoPE from 0) and scored as if alone."""
 
     tokens: Any
     labels: Any
     attention_mask: Any
     pixels: Any = None
     image_mask: Any = None
+    segment_ids: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, np.ndarray | jax.Array) or isinstance(self.tokens,
@@ -80,11 +84,18 @@ class TrainBatch:
         shape = tuple(self.tokens.shape)
         if len(shape) != 2:
             raise ValueError(f"tokens must be [B, T], got shape {list(shape)}")
-        for name in ("labels", "attention_mask"):
+        for name in ("labels", "attention_mask", "segment_ids"):
+            if getattr(self, name) is None and name == "segment_ids":
+                continue
             got = tuple(np.shape(getattr(self, name)))
             if got != shape:
                 raise ValueError(f"{name} has shape {list(got)} but tokens {list(shape)}; "
                                  f"build the batch with TrainBatch.from_collated")
+        if isinstance(self.segment_ids, np.ndarray):
+            check_segment_ids(self.segment_ids)
+        if self.segment_ids is not None and self.pixels is not None:
+            raise ValueError("packed rows (segment_ids) are text-only; pass pixels=None or "
+                             "build image-text batches unpacked")
         if (self.pixels is None) != (self.image_mask is None):
             raise ValueError("pass pixels and image_mask together (or neither, for text only)")
         if self.pixels is not None:
@@ -232,24 +243,42 @@ def forward_hidden(model: Model, batch: TrainBatch, *, compute_dtype: Any = None
     decoder = _decoder(model)
     tokens = jnp.asarray(batch.tokens)
     start = _starts(batch.attention_mask)
+    seg = batch.segment_ids
+    if seg is not None:
+        if batch.pixels is not None:
+            raise ValueError("packed rows (segment_ids) are text-only; pass pixels=None or "
+                             "build image-text batches unpacked")
+        seg = jnp.asarray(seg, jnp.int32)
     if isinstance(model, Gemma3Multimodal):
         image_id = image_blocks(tokens, model.config.image_token_id)
         h, _ = decoder(tokens, embeddings=_image_text_embeddings(model, batch, remat, scan),
-                       start=start, image_id=image_id, logits_at="none", remat=remat,
-                       scan=scan)
+                       start=start, image_id=image_id, segment_ids=seg, logits_at="none",
+                       remat=remat, scan=scan)
         return h
     if batch.pixels is not None:
         raise ValueError("a text-only Gemma3 model got a batch with images; load the image-text "
                          "model (Gemma3Multimodal) or build the batch with slots=0")
-    h, _ = decoder(tokens, start=start, logits_at="none", remat=remat, scan=scan)
+    h, _ = decoder(tokens, start=start, segment_ids=seg, logits_at="none", remat=remat,
+                   scan=scan)
     return h
 
 
 # ---- loss -----------------------------------------------------------------------------------
-def _shifted(h: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Hidden states ``[B*(T-1), D]`` at 0..T-2 and their targets ``labels[:, 1:]`` (< 0: none)."""
-    labels = jnp.asarray(labels, jnp.int32)
-    return h[:, :-1].reshape(-1, h.shape[-1]), labels[:, 1:].reshape(-1)
+def _targets(batch: TrainBatch) -> jax.Array:
+    """``labels[:, 1:]`` [B, T-1] (< 0: none), the targets of positions 0..T-2; with packed
+    rows, none where position t+1 starts a segment (or is padding): no segment's token is
+    predicted from another segment's last position."""
+    targets = jnp.asarray(batch.labels, jnp.int32)[:, 1:]
+    if batch.segment_ids is not None:
+        seg = jnp.asarray(batch.segment_ids, jnp.int32)
+        same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+        targets = jnp.where(same, targets, IGNORE_INDEX)
+    return targets
+
+
+def _shifted(h: jax.Array, batch: TrainBatch) -> tuple[jax.Array, jax.Array]:
+    """Hidden states ``[B*(T-1), D]`` at 0..T-2 and their targets (:func:`_targets`)."""
+    return h[:, :-1].reshape(-1, h.shape[-1]), _targets(batch).reshape(-1)
 
 
 def _head(x: jax.Array, w: jax.Array, t: jax.Array, softcap: float | None, grads: bool,
@@ -375,7 +404,7 @@ def next_token_loss(model: Model, batch: TrainBatch, *, chunk: int = DEFAULT_CHU
     table = _decoder(model).embedding[...]
     softcap = _decoder(model).config.final_logit_softcapping
     h = forward_hidden(model, batch, compute_dtype=compute_dtype, remat=remat, scan=scan)
-    hs, targets = _shifted(h, batch.labels)
+    hs, targets = _shifted(h, batch)
     total = _token_losses(hs, table, targets, int(chunk), softcap)
     return total, jnp.sum(targets >= 0).astype(jnp.int32)
 
@@ -387,7 +416,7 @@ def naive_next_token_loss(model: Model, batch: TrainBatch, *, compute_dtype: Any
     model = in_compute_dtype(model, compute_dtype)
     h = forward_hidden(model, batch, remat=remat, scan=scan)
     logits = _decoder(model).logits(h)[:, :-1]
-    targets = jnp.asarray(batch.labels, jnp.int32)[:, 1:]
+    targets = _targets(batch)
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
     valid = targets >= 0

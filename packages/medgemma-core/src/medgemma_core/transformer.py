@@ -111,6 +111,7 @@ class Gemma3(nnx.Module):
     def __call__(self, tokens: jax.Array, *, embeddings: jax.Array | None = None,
                  cache: KVCache | None = None, start: jax.Array | None = None,
                  image_id: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None,
                  logits_at: str = "all", remat: str = "none",
                  scan: bool = False) -> tuple[jax.Array, KVCache | None]:
         """Run T new tokens [B, T].
@@ -118,6 +119,9 @@ class Gemma3(nnx.Module):
         Without a cache the tokens are a whole sequence at indices 0..T-1 (``start`` marks left
         padding). With a cache they continue at ``cache.length``. ``embeddings`` [B, T, D]
         replaces the token embedding (the image-text model inserts soft tokens there).
+        ``segment_ids`` [B, T] int (no cache): packed rows, 1..n for the sequences of a row in
+        order, 0 for padding; RoPE positions restart at 0 at each segment's first token and a
+        token attends only to earlier tokens of its own segment (window counted within it).
         ``logits_at``: "all" [B, T, V], "last" [B, V], or "none" (final hidden states).
         ``remat``: the rematerialization policy of every block for training
         (:mod:`medsiglip.remat`: "none", "full", "dots"); ``scan``: run the layers as a
@@ -127,6 +131,9 @@ class Gemma3(nnx.Module):
         if (check_remat(remat) != "none" or scan) and cache is not None:
             raise ValueError("remat and scan are for training (whole sequences); pass "
                              "remat='none', scan=False with a KV cache")
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are for whole sequences; run packed "
+                             "batches without a KV cache")
         b, t = tokens.shape
         h = self.embed(tokens) if embeddings is None else embeddings
         base = jnp.zeros((), jnp.int32) if cache is None else cache.length
@@ -134,8 +141,11 @@ class Gemma3(nnx.Module):
             start = jnp.zeros((b,), jnp.int32) if cache is None else cache.start
         qidx = base + jnp.arange(t, dtype=jnp.int32)
         positions = qidx[None, :] - start[:, None]
+        if segment_ids is not None:
+            segment_ids = jnp.asarray(segment_ids, jnp.int32)
+            positions = qidx[None, :] - segment_starts(segment_ids)
         inp = AttnInputs(q_index=qidx, start=start, positions=jnp.maximum(positions, 0),
-                         image_id=image_id)
+                         image_id=image_id, segment_id=segment_ids)
         freqs = self._inv_freqs()
         new_cache = None
         if cache is None:
@@ -158,6 +168,16 @@ class Gemma3(nnx.Module):
         if logits_at == "last":
             h = h[:, -1]
         return self.logits(h), new_cache
+
+
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] -> the index of the first token of each token's segment (a segment is a run of
+    equal ids)."""
+    t = segment_ids.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return jax.lax.cummax(jnp.where(first, idx[None, :], 0), axis=1)
 
 
 def layer_period(cfg: Gemma3Config) -> int:
