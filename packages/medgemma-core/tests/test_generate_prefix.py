@@ -118,3 +118,22 @@ def test_a_prefix_needs_tokens():
     engine = _engine(8)
     with pytest.raises(ValueError, match="at least one token"):
         engine.cache_prefix([])
+
+
+def test_rows_kept_after_others_ended_go_on_as_in_the_full_batch():
+    """Engine.keep: a smaller batch of some rows (one repeated) continues each row exactly."""
+    engine = _engine(8)
+    prompts = _prompts()[:4]
+    want = engine.generate(prompts, max_new_tokens=20, sampling=REPEAT, ignore_eos=True)
+    state = engine.start(prompts, max_new_tokens=20, sampling=REPEAT, ignore_eos=True)
+    state = engine.decode(state, 7)
+    head = np.asarray(state.tokens[:, :7])
+    state = engine.keep(state, [2, 0, 0, 0])  # padded to a batch of 4 by repeating row 0
+    assert state.prompt_tokens == (35, 43, 43, 43)
+    state = engine.decode(state, 20)
+    tail = np.asarray(state.tokens[:, 7:20])
+    assert head[2].tolist() + tail[0].tolist() == want.token_ids[2]
+    assert head[0].tolist() + tail[1].tolist() == want.token_ids[0]
+    assert tail[2].tolist() == tail[1].tolist()
+    with pytest.raises(ValueError, match="indices of the 4 rows"):
+        engine.keep(state, [4])

@@ -57,17 +57,22 @@ def test_base_mode_batch_equals_the_core_completion_cut_at_the_stop(tiny):
     from medgemma_core import Sampling
 
     service = ChatService(Loader.ready(tiny), prompt_mode="base", max_batch=8, window_s=0.5)
-    rows = _submit_together(service, [Turn(q, 0) for q in QUESTIONS], 12)
     sampling = Sampling(repetition_penalty=1.2, no_repeat_ngram_size=3, penalize_prompt=False)
     assert service.sampling(0.0) == sampling
-    for q, row in zip(QUESTIONS, rows):
-        want = tiny.generate(base_prompt("", [], Turn(q, 0)), max_new_tokens=12,
+    limits = [12, 5, 8]  # rows that end early leave the batch
+    rows = [service.batcher.submit(service.request("", [], Turn(q, 0), n, sampling))
+            for q, n in zip(QUESTIONS, limits)]
+    for q, n, row in zip(QUESTIONS, limits, rows):
+        want = tiny.generate(base_prompt("", [], Turn(q, 0)), max_new_tokens=n,
                              sampling=sampling)
         text = want.text if want.stopped else tiny.tokenizer.decode(want.token_ids)
         assert row.text(300) == cut_at_stop(text, BASE_STOPS)[0]
-    # the batch prefilled only the questions: the frame's KV came from the cached prefix
+    assert [r.batch_size for r in rows] == [3, 3, 3]
     timing = service._get_backend().last_timing
+    # the batch prefilled only the questions: the frame's KV came from the cached prefix
     assert timing["tail"] < timing["tokens"], timing
+    # 4 rows (one of padding) -> 2 once the 5-token row ended -> 1 after the 8-token one
+    assert [size for _, size in timing["shrunk"]] == [2, 1], timing
 
 
 class _Steps:

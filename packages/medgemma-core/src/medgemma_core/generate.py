@@ -9,6 +9,7 @@ The step API drives that loop directly (what :meth:`Engine.stream` does, and ben
     state = engine.start(prompts, max_new_tokens=64)    # prefill: the first token of each row
     state = engine.decode(state, 64)                      # the loop, up to 64 tokens in all
     state.tokens                                          # [B, N] produced ids (pad after stop)
+    state = engine.keep(state, [0, 2])                    # rows 0 and 2 go on alone
 
 A prefix shared by many prompts (a few-shot frame, a system prompt) can be prefilled once:
 ``prefix = engine.cache_prefix(ids)``; ``start(..., prefix=prefix)`` then copies its KV into
@@ -335,6 +336,28 @@ class Engine:
         carry = self._decode(self.state, state.carry, limit, state.key, state.temperature,
                              state.top_p, skey=state.sampling.static_key(), stops=state.stops)
         return dataclasses.replace(state, carry=carry)
+
+    def keep(self, state: DecodeState, rows: Sequence[int]) -> DecodeState:
+        """Go on with ``rows`` of a generation only (in that order; a row may repeat): once
+        most rows have ended, a smaller batch decodes the rest faster. Greedy rows continue
+        exactly as they would have (rows never see each other); sampled ones draw other
+        numbers. ``state`` stays valid."""
+        rows = [int(r) for r in rows]
+        if not rows or not all(0 <= r < len(state.prompt_tokens) for r in rows):
+            raise ValueError(f"rows must be indices of the {len(state.prompt_tokens)} rows")
+        carry = self._keep(state.carry, jnp.asarray(rows, jnp.int32))
+        return dataclasses.replace(state, carry=carry,
+                                   prompt_tokens=tuple(state.prompt_tokens[r] for r in rows))
+
+    @functools.partial(jax.jit, static_argnames=("self",))
+    def _keep(self, loop: _LoopState, rows):
+        def take(a):
+            return jnp.take(a, rows, axis=0)
+
+        cache = loop.cache.replace(layers=tuple((take(k), take(v)) for k, v in loop.cache.layers),
+                                   start=take(loop.cache.start))
+        return _LoopState(cache, take(loop.token), take(loop.done), take(loop.out), loop.step,
+                          take(loop.hist), take(loop.first))
 
     def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
                sampling: Sampling = Sampling(), chunk: int = 4, ignore_eos: bool = False,

@@ -112,13 +112,7 @@ def default_loader(config: DemoConfig) -> Loader[ChatModel]:
         turn = user_turn("What is a pneumothorax?", [], multimodal=model.is_multimodal)
         request = service.request("", [], turn, config.max_new_tokens, service.sampling(0.0))
         backend = CoreBackend(model, service.mode or "chat", max_batch=config.max_batch)
-        size = 1
-        while True:  # every batch shape the batcher uses (1, 2, 4, ... max_batch rows)
-            for _ in backend.run([request] * size):
-                pass
-            if size >= config.max_batch:
-                break
-            size = min(size * 2, config.max_batch)
+        backend.warm(request)  # every batch shape the batcher uses, and the shrinks
 
     return Loader(load, warmup=warmup if config.warmup else None, what="model")
 

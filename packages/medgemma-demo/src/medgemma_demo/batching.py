@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from .prompting import BASE, cut_at_stop, held_back
 
 log = logging.getLogger("medgemma_demo")
@@ -59,6 +61,8 @@ class Backend(Protocol):
     def run(self, requests: Sequence[Request]) -> Iterator[list[tuple[str, str | None]]]: ...
 
     # optional: ``group(request) -> hashable``; only requests of one group share a batch
+    # optional: ``takes_finished = True``: ``run(requests, finished=f)``, ``f()`` telling
+    # which rows have ended (a stop string, Stop) so that the backend may drop them
 
 
 class RowError(RuntimeError):
@@ -264,7 +268,12 @@ class Batcher:
 
     @staticmethod
     def _decode(backend: Backend, batch: list[Row]) -> None:
-        chunks = backend.run([r.request for r in batch])
+        requests = [r.request for r in batch]
+        if getattr(backend, "takes_finished", False):  # it may drop the rows that ended
+            chunks = backend.run(requests,  # type: ignore[call-arg]
+                                 finished=lambda: [r.done or r.cancelled for r in batch])
+        else:
+            chunks = backend.run(requests)
         try:
             for chunk in chunks:
                 for row, (text, state) in zip(batch, chunk):
@@ -351,15 +360,44 @@ class CoreBackend:
             return Prompts([tok.encode(r.prompt, add_bos=True) for r in requests])
         return self.model.chat_prompts([r.prompt for r in requests])
 
-    def run(self, requests: Sequence[Request]) -> Iterator[list[tuple[str, str | None]]]:
+    takes_finished = True
+
+    def warm(self, request: Request) -> None:
+        """Compile what serving ``request``-like questions uses: every batch size (1, 2, 4,
+        ... max_batch rows) and every shrink between them."""
+        sizes = [1]
+        while sizes[-1] < self.max_batch:
+            sizes.append(min(sizes[-1] * 2, self.max_batch))
+        for size in sizes:
+            for _ in self.run([request] * size):
+                pass
+            prompts = self.prompts([request] * size)
+            if prompts.embeddings is not None:
+                continue
+            st = self.model.engine.start(prompts.ids, max_new_tokens=request.max_new_tokens,
+                                         sampling=request.sampling, prefix=self.prefix())
+            for smaller in sizes[:sizes.index(size)]:
+                self.model.engine.keep(st, [0] * smaller)
+
+    def run(self, requests: Sequence[Request],
+            finished: Callable[[], Sequence[bool]] | None = None
+            ) -> Iterator[list[tuple[str, str | None]]]:
+        """``finished()``: which requests have ended on the caller's side (stop strings,
+        Stop); once at most half the rows go on, the batch shrinks to them."""
         n = len(requests)
         # Batches are padded to a power of two (repeating the last request, its rows
         # dropped): 1, 2, 4, 8... rows, so that few batch shapes are ever compiled.
-        padded = list(requests) + [requests[-1]] * (batch_bucket(n, self.max_batch) - n)
-        for chunk in self._run(padded):
+        size = batch_bucket(n, self.max_batch)
+        padded = list(requests) + [requests[-1]] * (size - n)
+
+        def ended() -> list[bool]:
+            return [*(finished() if finished is not None else [False] * n), *[True] * (size - n)]
+
+        for chunk in self._run(padded, ended):
             yield chunk[:n]
 
-    def _run(self, requests: Sequence[Request]) -> Iterator[list[tuple[str, str | None]]]:
+    def _run(self, requests: Sequence[Request], ended: Callable[[], list[bool]]
+             ) -> Iterator[list[tuple[str, str | None]]]:
         from medgemma_core.generate import bucket
 
         began = time.perf_counter()
@@ -375,12 +413,10 @@ class CoreBackend:
             "padded": len(requests), "tokens": bucket(max(len(p) for p in prompts.ids)),
             "tail": engine.prefill_tail(prompts.ids, prefix) if prefix is not None else None,
             "prompt_s": round(time.perf_counter() - began, 3), "prefill_s": 0.0,
-            "decode_s": 0.0, "chunks": 0, "steps": 0}
+            "decode_s": 0.0, "chunks": 0, "steps": 0, "shrunk": []}
         self.last_timing = timing
-        pieces = engine.stream(prompts.ids, max_new_tokens=limit,
-                               sampling=requests[0].sampling, chunk=self.chunk,
-                               embeddings=prompts.embeddings, image_id=prompts.image_id,
-                               prefix=prefix)
+        pieces = self._pieces(engine, prompts, limit, requests[0].sampling, prefix, state,
+                              ended, timing)
         try:
             yield from self._texts(pieces, requests, timing, decoders, counts, state, stops)
         finally:
@@ -390,6 +426,40 @@ class CoreBackend:
             timing["prefill_s"] = round(timing["prefill_s"], 3)
             timing["decode_s"] = round(timing["decode_s"], 3)
         yield [("" if s is not None else d.flush(), s or LENGTH) for d, s in zip(decoders, state)]
+
+    def _pieces(self, engine: Any, prompts: Any, limit: int, sampling: Any, prefix: Any,
+                state: list[str | None], ended: Callable[[], list[bool]],
+                timing: dict[str, Any]) -> Iterator[list[list[int]]]:
+        """``Engine.stream`` over the step API, dropping rows that ended: each chunk, the
+        new ids of every request (empty for rows no longer decoded)."""
+        st = engine.start(prompts.ids, max_new_tokens=limit, sampling=sampling,
+                          embeddings=prompts.embeddings, image_id=prompts.image_id,
+                          prefix=prefix)
+        live = list(range(len(state)))  # request of each engine row
+        emitted = 0
+        while True:
+            produced = min(st.step, limit)
+            block = np.asarray(st.tokens[:, emitted:produced]).tolist()
+            piece: list[list[int]] = [[] for _ in state]
+            for i, r in enumerate(live):
+                if i == live.index(r):  # rows repeated as padding: the first one
+                    piece[r] = block[i]
+            emitted = produced
+            yield piece
+            if produced >= limit:
+                return
+            done = ended()
+            going = [r for r in dict.fromkeys(live) if state[r] is None and not done[r]]
+            if not going:
+                return
+            size = batch_bucket(len(going), len(live))
+            if size < len(live):
+                rows = [live.index(r) for r in going]
+                rows += [rows[-1]] * (size - len(rows))
+                st = engine.keep(st, rows)
+                live = [live[i] for i in rows]
+                timing["shrunk"].append([produced, size])
+            st = engine.decode(st, produced + self.chunk)
 
     def _texts(self, pieces: Iterator[list[list[int]]], requests: Sequence[Request],
                timing: dict[str, Any], decoders: list, counts: list[int],
