@@ -52,7 +52,12 @@ def token_accuracy(model: Any, batch: Any, cfg: Any) -> dict:
     h = forward_hidden(model, batch, compute_dtype=cfg.model.compute_dtype or None)
     d = h.shape[-1]
     hs = h[:, :-1].reshape(-1, d)
-    targets = jnp.asarray(batch.labels, jnp.int32)[:, 1:].reshape(-1)
+    targets = jnp.asarray(batch.labels, jnp.int32)[:, 1:]
+    seg = getattr(batch, "segment_ids", None)
+    if seg is not None:  # packed rows: no token is predicted from another row's last one
+        seg = jnp.asarray(seg, jnp.int32)
+        targets = jnp.where((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0), targets, -1)
+    targets = targets.reshape(-1)
     valid = targets >= 0
     order = jnp.argsort(~valid, stable=True)  # the labelled tokens first
     hs, targets, valid = hs[order], targets[order], valid[order]

@@ -92,6 +92,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--skip-bad", action="store_true", help="drop bad data rows (reported)")
+    p.add_argument("--pack", action="store_true",
+                   help="pack several text-only rows into each --seq-len sequence (data.pack)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--json", action="store_true", help="print one JSON summary line at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -130,6 +132,8 @@ def resolve_config(args: argparse.Namespace, stage_name: str) -> Any:
         flags["run.resume"] = True
     if args.skip_bad:
         flags["data.skip_bad"] = True
+    if getattr(args, "pack", False):
+        flags["data.pack"] = True
     if args.no_progress or args.json:
         flags["run.progress"] = False
     base = _nested({"stage": stage_name, **dict(stage.defaults)})
@@ -153,6 +157,10 @@ def _human(plan: dict) -> str:
         lines.append(f"  {m['name']:16} {m['kind']:8} {m['rows']:7} rows  weight {m['weight']:.3f}"
                      f"  {m['epochs']:.2f} epochs in the run  ({m['path']})")
     lines.append(f"eval rows: {plan['eval_rows']}; bad rows skipped: {plan['bad_rows']}")
+    if plan.get("packing"):
+        pk = plan["packing"]
+        lines.append(f"packed: {pk['rows']} rows into {pk['sequences']} sequences of "
+                     f"data.seq_len (filled {100 * pk['fill']:.1f}%); steps count sequences")
     if plan.get("cut_rows"):
         lines.append(f"rows cut at data.seq_len: {plan['cut_rows']} (first {plan['cut_first']}; "
                      f"the longest has {plan['longest_row_tokens']} tokens), "
@@ -185,8 +193,11 @@ def run_stage(args: argparse.Namespace, stage_name: str) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
+        extra = "".join(f", {k.removeprefix('eval_').replace('_', ' ')} {v:.4f}"
+                        for k, v in (summary.get("final_eval") or {}).items()
+                        if k in ("eval_token_accuracy", "eval_exact_match") and v is not None)
         print(f"{summary['steps']} steps; train loss {summary['final_train_loss']}, "
-              f"eval loss {summary['final_eval_loss']}; run folder {summary['run']}")
+              f"eval loss {summary['final_eval_loss']}{extra}; run folder {summary['run']}")
         for kind, path in (summary.get("exports") or {}).items():
             print(f"exported {kind}: {path}")
     return 0

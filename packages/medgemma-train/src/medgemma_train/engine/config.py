@@ -69,7 +69,8 @@ class DataConfig:
     accumulation: a step sees ``batch_size * optimizer.grad_accum`` rows). ``seq_len``: every
     row is padded (or cut) to it. ``image_slots``: images per row (0 = the most any row holds).
     ``mask_prompt``: loss on the answers only (the notebook recipe trains on every token except
-    padding and image tokens)."""
+    padding and image tokens). ``pack``: several text-only rows per ``seq_len`` sequence
+    (:mod:`~medgemma_train.engine.packing`; a step then takes ``batch_size`` sequences)."""
 
     train: tuple[SourceConfig, ...] = ()
     eval: tuple[SourceConfig, ...] = ()
@@ -80,6 +81,7 @@ class DataConfig:
     skip_bad: bool = False
     seed: int = 0
     system: str = ""
+    pack: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,10 +74,14 @@ def scan_lengths(encoder: Any, sources: Sequence[Source]) -> LengthReport:
     lengths = []
     index: list[tuple[int, int]] = []
     scanned = 0
+    tok = encoder.processor.tokenizer
     for i, s in enumerate(sources):
         ls: list[int | None] = []
-        for j, ex in enumerate(s.examples):
-            ids = encoder.token_ids(ex)
+        texts = [encoder.token_text(ex) for ex in s.examples]
+        known = [t for t in texts if t is not None]
+        encoded = iter(tok.encode_batch(known) if known else [])  # SentencePiece's threads
+        for j, (ex, text) in enumerate(zip(s.examples, texts, strict=True)):
+            ids = None if text is None else next(encoded)
             ls.append(None if ids is None else len(ids))
             if ids is None:
                 continue
@@ -94,11 +98,12 @@ def scan_lengths(encoder: Any, sources: Sequence[Source]) -> LengthReport:
 
 
 def drop_bad_lengths(sources: Sequence[Source], report: LengthReport, *, skip_bad: bool
-                     ) -> list[Source]:
-    """The sources without the report's bad rows (they join each source's ``bad``), or a
-    :class:`DataError` (one line) when there are some and ``skip_bad`` is off."""
+                     ) -> tuple[list[Source], list[tuple[int | None, ...]]]:
+    """The sources without the report's bad rows (they join each source's ``bad``) and the
+    kept rows' lengths, or a :class:`DataError` (one line) when there are bad rows and
+    ``skip_bad`` is off."""
     if not report.bad:
-        return list(sources)
+        return list(sources), list(report.lengths)
     if not skip_bad:
         first = report.bad[0]
         more = f" (and {len(report.bad) - 1} more)" if len(report.bad) > 1 else ""
@@ -106,12 +111,13 @@ def drop_bad_lengths(sources: Sequence[Source], report: LengthReport, *, skip_ba
                         f"{first}{more}; raise data.seq_len (the longest row has "
                         f"{report.longest} tokens) or pass --skip-bad to drop them")
     gone = dict(zip(report.bad_index, report.bad, strict=True))
-    out = []
+    out, lengths = [], []
     for i, s in enumerate(sources):
         kept = tuple(ex for j, ex in enumerate(s.examples) if (i, j) not in gone)
         lost = tuple(gone[i, j] for j in range(len(s.examples)) if (i, j) in gone)
         out.append(dataclasses.replace(s, examples=kept, bad=s.bad + lost))
+        lengths.append(tuple(n for j, n in enumerate(report.lengths[i]) if (i, j) not in gone))
         if not kept:
             raise DataError(f"data source {s.name} ({s.path}) has no usable rows at "
                             f"data.seq_len={report.seq_len}; raise data.seq_len")
-    return out
+    return out, lengths

@@ -28,7 +28,9 @@ __all__ = ["Encoder", "EvalPipeline", "Pipeline", "mixture_table"]
 class Encoder:
     """Rows -> this process's fixed-shape arrays of a step: a dict with TrainBatch's fields
     (``tokens``, ``labels``, ``attention_mask`` ``[A, b, T]``; ``pixels``, ``image_mask`` for
-    image-text models), ``A`` micro-batches of ``b`` rows.
+    image-text models), ``A`` micro-batches of ``b`` rows. Given tuples of rows (the planned
+    sequences of ``data.pack``, :mod:`.packing`), one packed sequence per tuple, with
+    ``segment_ids``.
 
     ``image_text``: the model reads images (else image parts are dropped, as
     ``to_messages(images=False)``); ``slots``: image slots per row."""
@@ -79,18 +81,21 @@ class Encoder:
             raise DataError(f"{ex.where}: {problem}")
         return p
 
-    def token_ids(self, ex: Example) -> list[int] | None:
-        """The row's token ids as :meth:`process` makes them, its images counted as their
-        soft tokens without decoding them (no pan-and-scan crops); None for a manifest row
-        (its images are known once loaded)."""
+    def token_text(self, ex: Example) -> str | None:
+        """The text whose tokens :meth:`process` makes of the row, each image as its soft
+        tokens (no pan-and-scan crops; nothing decoded); None for a manifest row (its images
+        are known once loaded)."""
         if not ex.messages:
             return None
         from medgemma_core.chat import BOI, format_chat
 
         text = format_chat(self.messages(ex), add_generation_prompt=False)
-        if self.image_text:
-            text = text.replace(BOI, self.processor.image_sequence)
-        return self.processor.tokenizer.encode(text)
+        return text.replace(BOI, self.processor.image_sequence) if self.image_text else text
+
+    def token_ids(self, ex: Example) -> list[int] | None:
+        """:meth:`token_text`'s token ids (None for a manifest row)."""
+        text = self.token_text(ex)
+        return None if text is None else self.processor.tokenizer.encode(text)
 
     def answer_start(self, ids: Sequence[int]) -> int | None:
         """The index of the final answer's first token (just after the last
@@ -133,6 +138,10 @@ class Encoder:
         from medgemma_core.processor import IGNORE_INDEX
         from medgemma_core.training import TrainBatch
 
+        if rows and isinstance(rows[0], tuple):  # planned sequences of packed rows
+            from .packing import encode_packs
+
+            return encode_packs(self, rows, accum)
         done = [self._safe(ex) for ex in rows]
         filler = next((p for p, ok in done if ok), None)
         if filler is None:

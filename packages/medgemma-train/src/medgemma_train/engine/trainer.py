@@ -31,6 +31,7 @@ from .data import DataError, check_bad_rows, medical_mixture, read_source
 from .lengths import drop_bad_lengths, scan_lengths
 from .mesh import batch_sharding, build_mesh, initialize
 from .metrics import MetricsWriter, flops_per_token, peak_flops
+from .packing import pack_sources
 from .pipeline import Encoder, EvalPipeline, Pipeline, mixture_table
 from .stages import StageSpec
 from .step import build_steps, make_optimizer, warmup_steps
@@ -131,6 +132,8 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     model = prepared.model
     own_batches = custom is not None and custom.encoder is not None
     lengths = None
+    packing: dict = {}
+    packed_sources: list = []
     if own_batches:
         slots = 0
         encoder = custom.encoder(cfg, prepared, train_sources + eval_sources)
@@ -145,10 +148,19 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
         lengths = scan_lengths(encoder, train_sources + eval_sources)
         if lengths.warning():
             say(lengths.warning())
-        kept = drop_bad_lengths(train_sources + eval_sources, lengths,
-                                skip_bad=cfg.data.skip_bad)
+        kept, row_lengths = drop_bad_lengths(train_sources + eval_sources, lengths,
+                                             skip_bad=cfg.data.skip_bad)
         train_sources, eval_sources = kept[:len(train_sources)], kept[len(train_sources):]
         bad = bad + list(lengths.bad)
+    if cfg.data.pack:
+        if own_batches or prepared.image_text:
+            why = (f"stage {stage.name} builds its own batches" if own_batches else
+                   f"{cfg.model.checkpoint} is an image-text model and its rows carry images")
+            raise TrainError(f"data.pack packs text-only rows for a text-only model, but {why}; "
+                             f"set data.pack=false (drop --pack)")
+        packed_sources, packing = pack_sources(train_sources, row_lengths[:len(train_sources)],
+                                               cfg.data.seq_len, cfg.data.seed)
+        keys.append("segment_ids")
     if bad:
         say(f"skipping {len(bad)} bad data row(s), first {bad[0]} (all in "
             f"{out / 'bad_rows.jsonl'})")
@@ -158,7 +170,8 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
                 for b in bad:
                     f.write(json.dumps({"where": b.where, "reason": b.reason}) + "\n")
     accum, batch_size = cfg.optimizer.grad_accum, cfg.data.batch_size
-    pipeline = Pipeline(train_sources, encoder, batch_size=batch_size, accum=accum,
+    pipeline = Pipeline(packed_sources if packing else train_sources, encoder,
+                        batch_size=batch_size, accum=accum,
                         seed=cfg.data.seed, process=process, processes=processes)
     per_epoch = pipeline.steps_per_epoch()
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * per_epoch))
@@ -174,13 +187,18 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     if n_train == 0:
         raise TrainError("nothing to train: every parameter is frozen; set trainable.* or "
                          "lora.rank")
-    mixture = mixture_table(train_sources, batch_size * accum, total)
+    mixture = mixture_table(pipeline.sources, batch_size * accum, total)
+    if packing:  # the table counted sequences; give the rows too
+        for m, s in zip(mixture, train_sources, strict=True):
+            m["sequences"], m["rows"] = m["rows"], len(s.examples)
+            m["sequences_seen"] = m.pop("rows_seen")
     plan = {"stage": stage.name, "params": n_params, "trainable": n_train,
             "steps": total, "steps_per_epoch": per_epoch, "rows_per_step": batch_size * accum,
             "warmup_steps": warmup_steps(cfg.optimizer, total), "image_slots": slots,
             "mesh": dict(mesh.shape), "processes": processes, "mixture": mixture,
             "eval_rows": sum(len(s.examples) for s in eval_sources), "bad_rows": len(bad),
-            **(lengths.as_dict() if lengths is not None else {})}
+            **(lengths.as_dict() if lengths is not None else {}),
+            **({"packing": packing} if packing else {})}
     if dry_run:
         from medgemma_core.sharding import memory_report
 
@@ -220,7 +238,8 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     if cfg.run.resume and ckpt.latest_step() is not None:
         start = int(ckpt.latest_step())
         params, opt_state, meta = ckpt.restore(start, params, opt_state)
-        if meta.get("data_rows") != pipeline.rows or meta.get("rows_per_step") != batch_size * accum:
+        if meta.get("data_rows") != pipeline.rows or meta.get("rows_per_step") != batch_size * accum \
+                or meta.get("packed", False) != bool(packing):
             raise TrainError(f"--resume: the data or batch size changed since step {start} "
                              f"({meta.get('data_rows')} rows, {meta.get('rows_per_step')} per "
                              f"step then); resume with the same data and settings")
@@ -247,6 +266,7 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     def meta(step: int, metrics: dict | None) -> dict:
         return {"step": step, "seed": cfg.run.seed, "data_state": pipeline.get_state(),
                 "data_rows": pipeline.rows, "rows_per_step": batch_size * accum,
+                "packed": bool(packing),
                 "stage": stage.name, "base_checkpoint": cfg.model.checkpoint,
                 "metrics": metrics or {}, "config": to_dict(cfg)}
 
@@ -261,7 +281,7 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
                           processes=processes, pad=not own_batches)
         total_loss, total_n = 0.0, 0
         extra: dict[str, list[float]] = {}
-        sh = {k: batch_sharding(mesh, batch_size, 0) for k in keys}
+        sh = {k: batch_sharding(mesh, batch_size, 0) for k in keys if k != "segment_ids"}
         for b in ev:
             b = _put(b, sh, processes, batch_size)
             r = fns.evaluate(p, rest, {k: v[0] for k, v in b.items()})
