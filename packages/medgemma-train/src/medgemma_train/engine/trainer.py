@@ -315,7 +315,9 @@ def train(cfg: RunConfig, stage: StageSpec, *, dry_run: bool = False,
     try:
         with jax.set_mesh(mesh):
             if cfg.run.eval_on_start and start == 0 and (eval_sources or stage.evaluate):
-                writer.write(0, evaluate(state["params"]), split="eval")
+                baseline = evaluate(state["params"])
+                if baseline:
+                    writer.write(0, baseline, split="eval")
             while step < total:
                 local = next(pipeline)
                 first = local[keys[0]]  # tokens (a custom encoder: its first key)
