@@ -4,7 +4,9 @@
   ``data.mask_prompt``, else every token but padding and images), the share whose
   greedy next-token prediction (the argmax of the logits) is the label. Computed in the jitted
   eval step from the same hidden states as ``eval_loss``, ``model.loss_chunk`` tokens projected
-  onto the vocabulary at a time (only the chunks that hold labelled tokens).
+  onto the vocabulary at a time (only the chunks that hold labelled tokens). XLA shares little
+  of that with the loss's pass, so validation costs about one more vocabulary projection per
+  batch; ``sft.token_accuracy: false`` turns it off.
 * ``eval_exact_match`` (``sft.exact_match: N``, off by default): the first ``N`` eval rows'
   prompts (the conversation without its final answer) answered by greedy generation through
   :class:`medgemma_core.MedGemma` (at most ``sft.max_new_tokens`` tokens); the share whose
@@ -25,10 +27,12 @@ __all__ = ["SFTSettings", "exact_match", "normalize_answer", "token_accuracy"]
 
 @dataclasses.dataclass(frozen=True)
 class SFTSettings:
-    """``sft:`` settings. ``exact_match``: eval rows answered by greedy generation at each
-    validation (0 = off); ``max_new_tokens``: the longest answer generated; ``generate_batch``:
-    prompts per generation call."""
+    """``sft:`` settings. ``token_accuracy``: report ``eval_token_accuracy``;
+    ``exact_match``: eval rows answered by greedy generation at each validation (0 = off);
+    ``max_new_tokens``: the longest answer generated; ``generate_batch``: prompts per
+    generation call."""
 
+    token_accuracy: bool = True
     exact_match: int = 0
     max_new_tokens: int = 64
     generate_batch: int = 8
@@ -48,6 +52,8 @@ def token_accuracy(model: Any, batch: Any, cfg: Any) -> dict:
     from medgemma_core import Gemma3Multimodal
     from medgemma_core.training import forward_hidden
 
+    if isinstance(cfg.options, SFTSettings) and not cfg.options.token_accuracy:
+        return {}
     decoder = model.decoder if isinstance(model, Gemma3Multimodal) else model
     h = forward_hidden(model, batch, compute_dtype=cfg.model.compute_dtype or None)
     d = h.shape[-1]
