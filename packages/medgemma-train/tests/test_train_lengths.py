@@ -57,7 +57,7 @@ def test_long_rows_are_reported_and_answerless_ones_are_bad(setup):
     assert len(warnings) == 1, said
     w = warnings[0]
     assert "2 of 4 row(s)" in w and f"first {data}:2" in w and "raise data.seq_len" in w
-    assert "1 of them lose their whole answer" in w
+    assert "1 of them are bad rows" in w
     assert plan["cut_rows"] == 2 and plan["answer_cut_rows"] == 1
     assert plan["cut_first"] == f"{data}:2" and plan["bad_rows"] == 1
     assert plan["mixture"][0]["rows"] == 3  # the answerless row is dropped

@@ -50,7 +50,8 @@ class LengthReport:
         if not self.cut:
             return None
         where, n = self.cut[0]
-        lost = f"; {len(self.bad)} of them lose their whole answer (bad rows)" if self.bad else ""
+        lost = (f"; {len(self.bad)} of them are bad rows (their answer or an image is past "
+                f"the cut)" if self.bad else "")
         return (f"warning: {len(self.cut)} of {self.scanned} row(s) are longer than "
                 f"data.seq_len={self.seq_len} and are cut (first {where}: {n} tokens; the "
                 f"longest has {self.longest}){lost}; raise data.seq_len (--seq-len "

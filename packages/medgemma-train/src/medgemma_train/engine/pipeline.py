@@ -78,7 +78,7 @@ class Encoder:
                             f"data.image_slots")
         problem = self.cut_problem(p.input_ids)
         if problem:
-            raise DataError(f"{ex.where}: {problem}")
+            raise DataError(f"{ex.where}: {problem}; raise data.seq_len")
         return p
 
     def token_text(self, ex: Example) -> str | None:
@@ -117,12 +117,11 @@ class Encoder:
         if n <= t:
             return None
         if self.image_text and self.processor.image_token_id in list(ids[t:]):
-            return (f"{n} tokens; cutting it to data.seq_len={t} would cut an image; raise "
-                    f"data.seq_len")
+            return f"{n} tokens; cutting it to data.seq_len={t} would cut an image"
         start = self.answer_start(ids)
         if start is not None and start >= t:
             return (f"{n} tokens and its answer starts at token {start}: cut to data.seq_len="
-                    f"{t} it has no answer left; raise data.seq_len")
+                    f"{t} it has no answer left")
         return None
 
     def _safe(self, ex: Example) -> tuple[Any, bool]:
