@@ -21,6 +21,9 @@ import os
 import platform
 import time
 
+QUANTIZE_MODES = ["int8", "int8-g32", "int8-mse", "int8-g32-mse", "int8-ftable",
+                  "int8-g32-ftable", "int8-g32-mse-ftable"]  # medgemma_core.quant.MODES
+
 
 def _time(fn, repeat=3, cpu=False):
     """Best wall time of ``repeat`` calls (or, with cpu=True, best (wall, process CPU) pair)."""
@@ -147,7 +150,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--quantize", nargs="*", default=[], choices=["int8", "int8-g32"],
+    ap.add_argument("--quantize", nargs="*", default=[], choices=QUANTIZE_MODES,
                     help="also measure medgemma-core with int8 weights (each variant in its "
                          "own process, with its peak RSS)")
     ap.add_argument("--only", help=argparse.SUPPRESS)  # internal: one variant, in a child

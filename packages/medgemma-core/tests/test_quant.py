@@ -54,14 +54,26 @@ def hf_tensors(cfg: Gemma3Config, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def numpy_fake_quant(w: np.ndarray, group: int) -> np.ndarray:
+# the scale search's candidates, as its definition lists them: scale = max|w| / k
+SEARCH_K = [127, *range(126, 63, -1), *range(128, 161, 2)]
+
+
+def numpy_fake_quant(w: np.ndarray, group: int, search: bool = False) -> np.ndarray:
     """The reference: ``w`` [out, in] quantized per row (group 0) or per block of ``group``
     along a row, symmetric int8 (scale = max|w| / 127, q = round(w / scale), both in float32
-    as the definition says), and back to float64."""
+    as the definition says), and back to float64. ``search``: each block's scale is the
+    max|w| / k (k in SEARCH_K, the first on a tie) with the least sum of squared errors."""
     w = w.astype(np.float32)
     blocks = w.reshape(w.shape[0], -1, group if group else w.shape[1])
-    scale = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
-    scale = np.where(scale == 0, np.float32(1), scale)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    scale = amax / np.float32(127)
+    if search:
+        ks = np.asarray(SEARCH_K, np.float32)[:, None, None, None]
+        cand = np.where(amax > 0, amax, np.float32(1))[None] / ks  # [K, out, n, 1]
+        q = np.clip(np.round(blocks[None] / cand), -127, 127)
+        err = ((blocks[None] - cand * q) ** 2).sum(-1)  # [K, out, n]
+        scale = amax / np.asarray(SEARCH_K, np.float32)[err.argmin(0)][..., None]
+    scale = np.where(amax == 0, np.float32(1), scale)
     q = np.clip(np.round(blocks / scale), -127, 127)
     return (q.astype(np.float64) * scale.astype(np.float64)).reshape(w.shape)
 
@@ -97,12 +109,18 @@ def decode_logits(model, tokens, steps=3):
     return jnp.stack(outs, 1)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8-g32"])
+@pytest.mark.parametrize("mode", ["int8", "int8-g32", "int8-mse", "int8-g32-mse-ftable"])
 def test_logits_equal_a_numpy_quantization_and_stay_near_float32(mode, monkeypatch):
-    group = quant.MODES[mode]
+    sch = quant.MODES[mode]
     tensors = hf_tensors(CFG)
-    fake = {k: (v if k.endswith("norm.weight") else numpy_fake_quant(v, group).astype(np.float32))
-            for k, v in tensors.items()}
+
+    def fake(name, v):
+        group = sch.table if name == "embed_tokens.weight" else sch.group
+        if name.endswith("norm.weight") or group is None:
+            return v
+        return numpy_fake_quant(v, group, sch.search).astype(np.float32)
+
+    fake = {k: fake(k, v) for k, v in tensors.items()}
     reference = float_model(fake)
     want_full, want_step = np.asarray(forward(reference, ids())), np.asarray(
         decode_logits(reference, ids()))
@@ -113,6 +131,8 @@ def test_logits_equal_a_numpy_quantization_and_stay_near_float32(mode, monkeypat
         monkeypatch.setattr(quant, "CHUNK_BYTES", chunk)
         assert isinstance(model.layers[0].attn.o, quant.QWeight)
         assert model.layers[0].mlp.down.values[...].dtype == jnp.int8
+        assert isinstance(model.embedding, quant.QWeight) == (sch.table is not None)
+        assert quant.mode_of(model) == mode
         np.testing.assert_allclose(np.asarray(forward(model, ids())), want_full, atol=1e-5,
                                    rtol=0)
         np.testing.assert_allclose(np.asarray(decode_logits(model, ids())), want_step,
@@ -147,6 +167,54 @@ def test_dot_matches_numpy_for_every_projection_layout():
                 finally:
                     quant.CHUNK_BYTES = old
                 np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
+
+
+def test_searched_scales_find_a_coarser_grid_and_clip_outliers():
+    """Hand values: weights already on a 5-bit grid per block of 32 (a GGUF Q5_0 tensor)
+    come back exactly with the searched scales (max|w| / 127 misses the grid); a row with one
+    far outlier gets a clipped scale (k > 127) and a smaller error than max|w| / 127."""
+    rng = np.random.default_rng(5)
+    d = rng.uniform(0.001, 0.01, (64, 20, 1)).astype(np.float32)  # [out, blocks, 1]
+    q5 = rng.integers(-16, 16, (64, 20, 32)).astype(np.float32)
+    q5[:, :, 0] = -16  # every block reaches the grid's end: max|w| = 16 d
+    w = (q5 * d).reshape(64, 640)  # [out, in]
+    for search, exact in ((False, False), (True, True)):
+        values, scale = quant.quantize_array(w.T, (0,), 32, xp=np, search=search)
+        back = np.asarray(quant.QArray(values, scale, (0,), 32).dequantize()).T
+        assert np.array_equal(back, w) == exact
+    k = quant.search_scales(np.abs(w) * 0 + w)  # per row: whole rows are the blocks
+    assert k.shape == (64,) and set(np.unique(k)) <= set(SEARCH_K)
+    row = rng.normal(0, 1, (1, 4096)).astype(np.float32)
+    row[0, 7] = 40.0  # one outlier, 10x the rest's largest
+    (k,) = quant.search_scales(row)
+    assert k > 127
+    errs = {kk: np.sum((row - (s := 40 / np.float32(kk)) * np.clip(np.round(row / s), -127,
+                                                                    127)) ** 2)
+            for kk in (127, k)}
+    assert errs[k] < errs[127]
+
+
+def test_float_table_modes_save_and_load_gguf_q8_0(tmp_path, monkeypatch):
+    """``-ftable``: the table stays float through Orbax and through a Q8_0 GGUF (its blocks
+    dequantized, the projections loaded as stored)."""
+    monkeypatch.setenv("MEDGEMMA_CONVERT_CACHE", "0")
+    tensors = hf_tensors(CFG, seed=8)
+    model = int8_model(tensors, "int8-g32-mse-ftable")
+    save_decoder(model, tmp_path / "q")
+    back = load_decoder(tmp_path / "q")
+    assert quant.mode_of(back) == "int8-g32-mse-ftable"
+    assert not isinstance(back.embedding, quant.QWeight)
+    np.testing.assert_array_equal(np.asarray(forward(back, ids())), np.asarray(forward(model, ids())))
+    path = tmp_path / "tiny-q8_0.gguf"
+    write_q8_gguf(path, CFG, tensors)
+    q8 = load_decoder(path, quantize="int8-ftable")  # Q8_0: groups of 32, table float
+    assert quant.mode_of(q8) == "int8-g32-ftable"
+    ref = load_decoder(path)  # gguf's own dequantization
+    np.testing.assert_array_equal(np.asarray(q8.embedding[...]), np.asarray(ref.embedding[...]))
+    np.testing.assert_allclose(np.asarray(forward(q8, ids())), np.asarray(forward(ref, ids())),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="no mode name"):
+        save_decoder(quant.quantize(float_model(tensors), quant.Scheme(None, 0)), tmp_path / "x")
 
 
 def _f32_copies(hlo: str, shapes) -> list[str]:
@@ -320,7 +388,9 @@ def test_quantized_orbax_folder_loads_quantized(tmp_path):
 
 
 def test_every_command_takes_quantize():
-    from medgemma_core.cli import _parser
+    from medgemma_core.cli import QUANTIZE_MODES, _parser
+
+    assert QUANTIZE_MODES == list(quant.MODES)
 
     for command in (["generate", "--prompt", "x"], ["chat"], ["convert", "a", "--to", "orbax",
                                                                 "b"]):

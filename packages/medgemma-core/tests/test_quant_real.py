@@ -3,6 +3,7 @@ perplexity on a fixed public-domain paragraph (benchmarks/data/hippocratic_oath.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -15,25 +16,17 @@ from medgemma_core import Engine, Sampling, Tokenizer, load_decoder, quant
 
 pytestmark = pytest.mark.slow
 
-TEXT = Path(__file__).resolve().parents[3] / "benchmarks" / "data" / "hippocratic_oath.txt"
-PROMPTS = [
-    "The heart has four chambers:", "Pneumothorax is", "Sepsis is defined as",
-    "Question: What is the most common cause of community-acquired pneumonia?\nAnswer:",
-    "The kidneys filter", "Type 2 diabetes mellitus is treated first with",
-    "A 54-year-old man presents with chest pain radiating to the left arm. The most likely "
-    "diagnosis is", "Aspirin works by", "The liver produces", "Asthma is a chronic",
-    "The symptoms of appendicitis include", "Insulin is secreted by", "A fracture of the femur",
-    "Hypertension increases the risk of", "The blood-brain barrier", "Anemia is a condition in",
-    "Antibiotics are not effective against", "The lungs exchange", "Vaccines protect against",
-    "Dehydration in children",
-]
+DATA = Path(__file__).resolve().parents[3] / "benchmarks" / "data"
+TEXT = DATA / "hippocratic_oath.txt"
+PROMPTS = json.loads((DATA / "quant_prompts.json").read_text())  # benchmarks/quant_quality.py's
+MODES = ("int8", "int8-g32", "int8-g32-mse")
 N = 64
 
 
 @pytest.fixture(scope="module")
 def models(gguf_path):
     f32 = load_decoder(gguf_path)
-    return f32, {mode: quant.quantize(load_decoder(gguf_path), mode) for mode in quant.MODES}
+    return f32, {mode: quant.quantize(load_decoder(gguf_path), mode) for mode in MODES}
 
 
 def _greedy(model, prompts):

@@ -9,6 +9,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+# medgemma_core.quant.MODES (listed here: the command's --help does not import JAX)
+QUANTIZE_MODES = ["int8", "int8-g32", "int8-mse", "int8-g32-mse", "int8-ftable", "int8-g32-ftable",
+                  "int8-g32-mse-ftable"]
 DESCRIPTION = "Generate from (or chat with) a Gemma 3 / MedGemma checkpoint."  # --help: plain text
 EPILOG = """\
 examples:
@@ -31,10 +34,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: the embedded Gemma 3 270M, a small text-only base model)")
         sp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights and activations (float32 is the fast path on CPUs)")
-        sp.add_argument("--quantize", choices=["int8", "int8-g32"], default=None,
+        sp.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                         help="int8 decoder weights: half the memory, faster batch-1 decoding "
                              "(int8: a scale per output channel; int8-g32: per group of 32, "
-                             "as a Q8_0 GGUF stores them)")
+                             "as a Q8_0 GGUF stores them; -mse: searched scales; -ftable: "
+                             "the embedding table kept in float)")
         sp.add_argument("--system", help="system prompt (folded into the first user turn)")
         sp.add_argument("--max-new-tokens", type=int, default=256)
         mode = sp.add_mutually_exclusive_group()
@@ -74,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("out", metavar="OUT", help="output folder (new or empty)")
     v.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="parameter dtype of the output (auto: the source's; float32 for GGUF)")
-    v.add_argument("--quantize", choices=["int8", "int8-g32"], default=None,
+    v.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                    help="int8 weights in the output (text models, --to orbax): loads quantized")
     v.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest safetensors file of --to hf, e.g. 5GB or 500MB (default 5GB)")

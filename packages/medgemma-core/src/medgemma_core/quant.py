@@ -7,8 +7,15 @@ and the tied embedding of a :class:`~medgemma_core.transformer.Gemma3` in place 
 * ``"int8"``: one scale per output channel (``max|w| / 127`` over the contracted axes); the
   embedding gets one scale per vocabulary row, used both for the lookup and for the logits.
 * ``"int8-g32"``: one scale per group of 32 consecutive weights along the contracted axes
-  (flattened: o's heads x head_dim, as Hugging Face stores it; llama.cpp's Q8_0 blocks; a Q8_0 GGUF file loads into this mode without any float
-  copy of its weights, :func:`native_q8_0_specs`).
+  (flattened: o's heads x head_dim, as Hugging Face stores it; llama.cpp's Q8_0 blocks; a
+  Q8_0 GGUF file loads into this mode without any float copy of its weights, :class:`Q8Source`).
+* ``"-mse"`` (``"int8-mse"``, ``"int8-g32-mse"``): each scale searched, on the weights alone,
+  for the least squared error (:func:`search_scales`) instead of ``max|w| / 127``.
+* ``"-ftable"``: the tied embedding / logits table stays in the model's dtype (only the
+  projections are int8): for a 262144-row table 4 bytes a weight in float32 instead of 1.
+
+A mode is a :class:`Scheme`; :func:`quantize` also takes a Scheme (for experiments: e.g.
+the table alone quantized). Only the named :data:`MODES` can be saved.
 
 Activations stay in the model's compute dtype. A product ``x @ w`` converts the int8 weight
 inside the computation: on accelerators XLA fuses the conversion into the dot; on the CPU
@@ -25,6 +32,7 @@ Call sites read parameters as ``module.q[...]``; a :class:`QWeight` answers that
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -36,11 +44,29 @@ from flax import nnx, struct
 
 from medsiglip.sharding import param
 
-__all__ = ["CHUNK_BYTES", "MODES", "QArray", "QWeight", "check_mode", "dot", "is_quantized",
-           "logits", "mode_of", "quantize", "quantize_array", "quantized_specs", "take",
-           "Q8Source", "Q8_0_BLOCK"]
+__all__ = ["CHUNK_BYTES", "MODES", "QArray", "QWeight", "Scheme", "check_mode", "dot",
+           "is_quantized", "logits", "mode_of", "q8_0_mode", "quantize", "quantize_array",
+           "quantized_specs", "scheme", "search_scales", "take", "Q8Source", "Q8_0_BLOCK"]
 
-MODES = {"int8": 0, "int8-g32": 32}  # mode -> group size (0: one scale per output channel)
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """How a decoder is quantized. ``group`` (the q, k, v, o, gate, up, down projections) and
+    ``table`` (the tied embedding, per vocabulary row): 0 one scale per output channel, n one
+    per group of n along the contracted axis, None left in the model's dtype. ``search``:
+    scales from :func:`search_scales` (least squared error) instead of ``max|w| / 127``."""
+
+    group: int | None = 0
+    table: int | None = 0
+    search: bool = False
+
+
+MODES = {
+    "int8": Scheme(0, 0), "int8-g32": Scheme(32, 32),
+    "int8-mse": Scheme(0, 0, True), "int8-g32-mse": Scheme(32, 32, True),
+    "int8-ftable": Scheme(0, None), "int8-g32-ftable": Scheme(32, None),
+    "int8-g32-mse-ftable": Scheme(32, None, True),
+}
 CHUNK_BYTES = 1 << 19  # CPU: float32 bytes of weight converted per step of a chunked product
 # contracted ("in") axes of each quantized parameter in our layout (see checkpoints.names)
 IN_AXES = {"embedding": (1,), "q": (0,), "k": (0,), "v": (0,), "o": (0, 1), "gate": (0,),
@@ -53,6 +79,23 @@ def check_mode(mode: str | None) -> str | None:
         return mode
     raise ValueError(f"unknown quantize mode {mode!r}; use one of {', '.join(MODES)} "
                      f"(or none for float weights)")
+
+
+def scheme(mode: str | Scheme) -> Scheme:
+    """The :class:`Scheme` of a mode name (a Scheme is returned as it is)."""
+    return mode if isinstance(mode, Scheme) else MODES[check_mode(mode)]
+
+
+def _name(sch: Scheme) -> str | None:
+    return next((m for m, s in MODES.items() if s == sch), None)
+
+
+def q8_0_mode(mode: str) -> str:
+    """The mode a GGUF file with Q8_0 weights loads into when ``mode`` is asked for: groups of
+    32 (the file's own blocks, loaded as stored), the rest of ``mode`` kept."""
+    sch = scheme(mode)
+    want = Scheme(32, None if sch.table is None else 32, sch.search)
+    return _name(want) or "int8-g32"
 
 
 @struct.dataclass
@@ -96,12 +139,13 @@ class QWeight(nnx.Module):
     and ``scale`` (float32). ``weight[...]`` is its :class:`QArray`."""
 
     def __init__(self, values, scale, *, in_axes: tuple[int, ...], group: int,
-                 names: tuple[Any, ...], compute=jnp.float32):
+                 names: tuple[Any, ...], compute=jnp.float32, mode: str | None = None):
         self.values = param(values, names)
         self.scale = param(scale, _scale_names(names, in_axes, group))
         self.in_axes = tuple(in_axes)
         self.group = int(group)
         self.compute = jnp.dtype(compute)
+        self.mode = mode  # the quantize mode it came from (for saving)
 
     def __getitem__(self, key) -> QArray:
         if key is not Ellipsis:
@@ -160,11 +204,13 @@ def check_groups(shape, in_axes, group, what: str = "weight") -> None:
                          f"of the group size {group}; quantize with mode 'int8'")
 
 
-def quantize_array(w, in_axes: tuple[int, ...], group: int = 0, *, xp=jnp):
+def quantize_array(w, in_axes: tuple[int, ...], group: int = 0, *, xp=jnp,
+                   search: bool = False):
     """``(values int8, scale float32)``: symmetric, ``scale = max|w| / 127`` over each output
     channel's contracted axes (``group=0``) or over each group of ``group`` consecutive weights
     along the last contracted axis; ``values = clip(round(w / scale), -127, 127)``. ``xp``:
-    ``jnp`` (traceable) or ``np`` (the checkpoint loader, one tensor at a time)."""
+    ``jnp`` (traceable) or ``np`` (the checkpoint loader, one tensor at a time). ``search``
+    (numpy only): ``scale = max|w| / k`` with the ``k`` of :func:`search_scales`."""
     w = xp.asarray(w).astype(xp.float32)
     shape = tuple(w.shape)
     check_groups(shape, in_axes, group)
@@ -174,10 +220,75 @@ def quantize_array(w, in_axes: tuple[int, ...], group: int = 0, *, xp=jnp):
         amax = xp.max(xp.abs(grouped), axis=axis, keepdims=True)
     else:
         grouped = w
+        axis = in_axes
         amax = xp.max(xp.abs(w), axis=in_axes, keepdims=True)
-    scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
+    if search and xp is np:
+        k = _blocks_back(search_scales(_blocks(grouped, axis)), amax.shape, axis)
+        scale = np.where(amax > 0, amax / k, 1.0).astype(np.float32)
+    else:
+        scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
     values = xp.clip(xp.round(grouped / scale), -127, 127).astype(xp.int8).reshape(shape)
     return values, scale
+
+
+# ---- the scale search ------------------------------------------------------------------------
+# scale = max|w| / k: k = 127 (max|w| / 127, first: a tie keeps it), k > 127 clips the largest
+# weights, k < 127 leaves levels unused (weights already on a coarser grid fall on it exactly)
+SEARCH_K = (127, *range(126, 63, -1), *range(128, 161, 2))
+_SEARCH_ELEMENTS = 1 << 22  # weights per searched chunk
+
+
+def _blocks(grouped: np.ndarray, axis) -> np.ndarray:
+    """``grouped`` as ``[blocks, weights of a block]`` (the reduced ``axis`` last)."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    rest = [a for a in range(grouped.ndim) if a not in axes]
+    moved = np.transpose(grouped, (*rest, *axes))
+    return moved.reshape(-1, math.prod(grouped.shape[a] for a in axes))
+
+
+def _blocks_back(k: np.ndarray, shape, axis) -> np.ndarray:
+    """Per-block ``k`` ([blocks]) in the scale's keepdims ``shape``."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    rest = [a for a in range(len(shape)) if a not in axes]
+    out = k.reshape([shape[a] for a in rest])
+    return np.expand_dims(out, axes) if axes else out
+
+
+def search_scales(blocks: np.ndarray) -> np.ndarray:
+    """For each row of ``blocks`` ([n, size] float32), the ``k`` in :data:`SEARCH_K` (float32)
+    whose ``scale = max|w| / k`` gives the least ``sum((w - scale * q)^2)``, ``q = clip(round(w
+    / scale), -127, 127)``: weights alone, no calibration data. The first such k on a tie."""
+    blocks = np.ascontiguousarray(blocks, np.float32)
+    n, size = blocks.shape
+    rows = max(1, _SEARCH_ELEMENTS // size)
+    rows = min(rows, 1 << max(n - 1, 0).bit_length())  # small tensors: a power of two
+    out = np.empty(n, np.float32)
+    for i in range(0, n, rows):
+        part = blocks[i:i + rows]
+        if part.shape[0] < rows:  # one compiled shape: pad the last chunk with zero blocks
+            part = np.concatenate([part, np.zeros((rows - part.shape[0], size), np.float32)])
+        out[i:i + rows] = np.asarray(_search(part))[:min(rows, n - i)]
+    return out
+
+
+@jax.jit
+def _search(blocks):
+    amax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)
+    amax = jnp.where(amax > 0, amax, 1.0)
+    ks = jnp.asarray(SEARCH_K, jnp.float32)
+
+    def err(k):
+        s = amax / k
+        return jnp.sum(jnp.square(blocks - s * jnp.clip(jnp.round(blocks / s), -127, 127)), 1)
+
+    def body(i, carry):
+        best_k, best_e = carry
+        e = err(ks[i])
+        better = e < best_e
+        return jnp.where(better, ks[i], best_k), jnp.where(better, e, best_e)
+
+    first = (jnp.full(blocks.shape[:1], ks[0]), err(ks[0]))
+    return jax.lax.fori_loop(1, len(SEARCH_K), body, first)[0]
 
 
 # ---- the model -------------------------------------------------------------------------------
@@ -192,15 +303,17 @@ def _targets(model: nnx.Module) -> Iterable[tuple[tuple, nnx.Module, str]]:
             yield ("layers", i, "mlp", name), block.mlp, name
 
 
-def quantize(model: nnx.Module, mode: str = "int8") -> nnx.Module:
+def quantize(model: nnx.Module, mode: str | Scheme = "int8") -> nnx.Module:
     """Quantize a :class:`~medgemma_core.transformer.Gemma3` (or the ``decoder`` of an
     image-text model) in place and return it. Already quantized weights stay as they are."""
-    group = MODES[check_mode(mode)]
+    sch = scheme(mode)
+    name_ = mode if isinstance(mode, str) else _name(sch)
     decoder = getattr(model, "decoder", model)
     compute = jnp.dtype(decoder.dtype)
     for path, module, name in _targets(decoder):
         var = getattr(module, name)
-        if isinstance(var, QWeight):
+        group = sch.table if name == "embedding" else sch.group
+        if isinstance(var, QWeight) or group is None:
             continue
         in_axes = IN_AXES[name]
         check_groups(var.shape, in_axes, group, "/".join(map(str, path)))
@@ -208,26 +321,34 @@ def quantize(model: nnx.Module, mode: str = "int8") -> nnx.Module:
         if isinstance(w, jax.core.Tracer):  # an abstract module (abstract_quantized)
             values, scale = quantize_array(w, in_axes, group)
         else:  # on the host, in numpy: XLA's division may round a tie the other way
-            values, scale = quantize_array(np.asarray(w, np.float32), in_axes, group, xp=np)
+            values, scale = quantize_array(np.asarray(w, np.float32), in_axes, group, xp=np,
+                                           search=sch.search)
         names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
         setattr(module, name, QWeight(values, scale, in_axes=in_axes, group=group,
-                                      names=tuple(names), compute=compute))
+                                      names=tuple(names), compute=compute, mode=name_))
         del var
     return model
 
 
-def is_quantized(model: nnx.Module) -> bool:
+def _first_qweight(model: nnx.Module) -> QWeight | None:
     decoder = getattr(model, "decoder", model)
-    return isinstance(getattr(decoder, "embedding", None), QWeight)
+    return next((getattr(m, n) for _, m, n in _targets(decoder)
+                 if isinstance(getattr(m, n), QWeight)), None)
+
+
+def is_quantized(model: nnx.Module) -> bool:
+    return _first_qweight(model) is not None
 
 
 def mode_of(model: nnx.Module) -> str | None:
     """The quantize mode of a model (None: float weights)."""
-    decoder = getattr(model, "decoder", model)
-    emb = getattr(decoder, "embedding", None)
-    if not isinstance(emb, QWeight):
+    w = _first_qweight(model)
+    if w is None:
         return None
-    return next(m for m, g in MODES.items() if g == emb.group)
+    if w.mode is None:
+        raise ValueError("this model was quantized with a Scheme that has no mode name; only "
+                         f"the modes {', '.join(MODES)} can be saved")
+    return w.mode
 
 
 # ---- products --------------------------------------------------------------------------------
@@ -345,22 +466,23 @@ def take(table: QArray, tokens: jax.Array) -> jax.Array:
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def abstract_quantized(build: Callable[[Any], nnx.Module], mode: str) -> nnx.Module:
+def abstract_quantized(build: Callable[[Any], nnx.Module], mode: str | Scheme) -> nnx.Module:
     """``build(rngs)``'s module quantized, as ``jax.ShapeDtypeStruct`` leaves (no memory)."""
     from medsiglip.weights import abstract_module
 
     return abstract_module(lambda rngs: quantize(build(rngs), mode))
 
 
-def quantized_specs(specs, mode: str) -> list:
+def quantized_specs(specs, mode: str | Scheme) -> list:
     """The checkpoint specs (:class:`medsiglip.weights.TensorSpec`) of a quantized decoder
     from those of the float one: each quantized parameter's spec becomes two (``values``,
     ``scale``) reading the same tensor, quantized once in numpy as it is read (one tensor at a
     time, so a load never holds the float model). A tensor read as raw Q8_0 blocks
-    (:class:`Q8Source`) becomes values and scales as stored (nothing is quantized again)."""
+    (:class:`Q8Source`) becomes values and scales as stored (nothing is quantized again), or
+    is dequantized where the mode keeps it in float (``-ftable``)."""
     from medsiglip.weights import TensorSpec
 
-    group = MODES[check_mode(mode)]
+    sch = scheme(mode)
     out = []
     for spec in specs:
         leaf = spec.path[-1]
@@ -368,16 +490,21 @@ def quantized_specs(specs, mode: str) -> list:
         if leaf not in IN_AXES or (leaf != "embedding" and parent not in ("attn", "mlp")):
             out.append(spec)
             continue
+        group = sch.table if leaf == "embedding" else sch.group
+        if group is None:  # kept in float: raw Q8_0 blocks are dequantized first
+            out.append(dataclasses.replace(
+                spec, convert=lambda raw, f=spec.convert: f(_float_of(raw))))
+            continue
         in_axes = IN_AXES[leaf]
         memo: dict[str, Any] = {}
 
-        def part(raw, which, spec=spec, in_axes=in_axes, memo=memo):
+        def part(raw, which, spec=spec, in_axes=in_axes, memo=memo, group=group):
             if "pair" not in memo:  # the first of the two specs of this tensor
                 if raw.dtype == Q8_0_BLOCK:
                     memo["pair"] = _native_layout(raw, spec, in_axes, group)
                 else:
                     memo["pair"] = quantize_array(spec.convert(np.asarray(raw, np.float32)),
-                                                  in_axes, group, xp=np)
+                                                  in_axes, group, xp=np, search=sch.search)
                 memo["left"] = 2
             result = memo["pair"][which]
             memo["left"] -= 1
@@ -390,6 +517,13 @@ def quantized_specs(specs, mode: str) -> list:
         out.append(TensorSpec((*spec.path, "scale"), spec.name, spec.shape,
                               lambda raw, part=part: part(raw, 1)))
     return out
+
+
+def _float_of(raw: np.ndarray) -> np.ndarray:
+    """A tensor as float32 (raw Q8_0 blocks dequantized: ``d * qs``)."""
+    if raw.dtype != Q8_0_BLOCK:
+        return raw
+    return (raw["d"].astype(np.float32)[..., None] * raw["qs"]).reshape(raw.shape[0], -1)
 
 
 Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])  # llama.cpp's block_q8_0

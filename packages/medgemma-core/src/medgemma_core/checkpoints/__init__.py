@@ -120,7 +120,7 @@ def load_decoder(path: str | Path, *, dtype="float32", quantize: str | None = No
     else:
         if isinstance(src, GGUFSource) and any(
                 src.is_q8_0(n) for n in src.names() if not n.endswith("norm.weight")):
-            quantize, src = "int8-g32", quant.Q8Source(src)  # the file's own blocks
+            quantize, src = quant.q8_0_mode(quantize), quant.Q8Source(src)  # its own blocks
         abstract = quant.abstract_quantized(
             lambda rngs: Gemma3(cfg, dtype=dtype, rngs=rngs), quantize)
         specs = quant.quantized_specs(specs, quantize)
