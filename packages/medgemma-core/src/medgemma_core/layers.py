@@ -40,15 +40,28 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: float = 1.0) -> jax.Arra
     return 1.0 / (theta**exponents) / scaling
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half (NeoX) RoPE. x [B, T, N, H], positions [B, T] int."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos = jnp.cos(angles).astype(x.dtype)
-    sin = jnp.sin(angles).astype(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+def rope_tables(positions: jax.Array, inv_freq: jax.Array,
+                dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)`` [B, T, 1, H] in ``dtype`` for :func:`apply_rope`, from positions [B, T]
+    (``sin``'s first half negated: rotate-half's sign). Computed once per forward pass and RoPE
+    base and shared by every layer of that base: on the CPU behind an optimization barrier,
+    without which XLA fuses the cos/sin back into every layer's consumers (recomputing them)."""
+    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, H/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos = jnp.concatenate([cos, cos], axis=-1).astype(dtype)
+    sin = jnp.concatenate([-sin, sin], axis=-1).astype(dtype)
+    if jax.default_backend() == "cpu":
+        cos, sin = jax.lax.optimization_barrier((cos, sin))
+    return cos, sin
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate-half (NeoX) RoPE. x [B, T, N, H]; ``rope``: :func:`rope_tables`."""
+    cos, sin = (r.astype(x.dtype) for r in rope)
+    # the halves swapped by a reverse over an axis of 2 (fuses into the consumer on the CPU;
+    # a concatenate of two slices is materialized there)
+    swapped = jax.lax.rev(x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2), (x.ndim - 1,))
+    return x * cos + swapped.reshape(x.shape) * sin
 
 
 class FeedForward(nnx.Module):

@@ -17,7 +17,7 @@ from medsiglip.sharding import constrain, param
 from . import quant
 from .attention import Attention, AttnInputs
 from .config import Gemma3Config
-from .layers import FeedForward, RMSNorm, pin_to, rope_inv_freq, vocab_projection
+from .layers import FeedForward, RMSNorm, pin_to, rope_inv_freq, rope_tables, vocab_projection
 
 
 @struct.dataclass
@@ -61,9 +61,9 @@ class Block(nnx.Module):
         self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
         self.post_ffw_norm = RMSNorm(cfg.hidden_size, eps=eps, dtype=dtype)
 
-    def __call__(self, h, inp, inv_freq, cache=None, ring_index=None):
+    def __call__(self, h, inp, rope, cache=None, ring_index=None):
         h = constrain(h, _TOKENS)
-        a, new_cache = self.attn(self.pre_attn_norm(h), inp, inv_freq, cache, ring_index)
+        a, new_cache = self.attn(self.pre_attn_norm(h), inp, rope, cache, ring_index)
         h = h + self.post_attn_norm(a)
         h = h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h)))
         return constrain(h, _TOKENS), new_cache
@@ -146,18 +146,20 @@ class Gemma3(nnx.Module):
             positions = qidx[None, :] - segment_starts(segment_ids)
         inp = AttnInputs(q_index=qidx, start=start, positions=jnp.maximum(positions, 0),
                          image_id=image_id, segment_id=segment_ids)
-        freqs = self._inv_freqs()
+        # cos/sin once per RoPE base (local, global), not in every layer
+        ropes = {local: rope_tables(inp.positions, f, h.dtype)
+                 for local, f in self._inv_freqs().items()}
         new_cache = None
         if cache is None:
             fields = dataclasses.astuple(inp)
             h = run_blocks(self.layers, h, _run_block, remat=remat, scan=scan,
                            period=layer_period(self.config),
-                           extra=lambda i: (fields, freqs[self.config.is_local(i)]))
+                           extra=lambda i: (fields, ropes[self.config.is_local(i)]))
         else:
             new_layers: list[Any] = []
             for i, block in enumerate(self.layers):
                 local = self.config.is_local(i)
-                h, new = block(h, inp, freqs[local], cache.layers[i], cache.ring_index)
+                h, new = block(h, inp, ropes[local], cache.layers[i], cache.ring_index)
                 new_layers.append(new)
             new_cache = cache.replace(layers=tuple(new_layers),
                                       ring_index=_advance_ring(cache.ring_index, qidx),
@@ -187,9 +189,9 @@ def layer_period(cfg: Gemma3Config) -> int:
                 if all(cfg.is_local(i) == cfg.is_local(i % p) for i in range(n)))
 
 
-def _run_block(block: Block, h: jax.Array, inp: tuple, inv_freq: jax.Array) -> jax.Array:
+def _run_block(block: Block, h: jax.Array, inp: tuple, rope: tuple) -> jax.Array:
     """One block without a cache; ``inp`` is the AttnInputs' fields (a pytree, for nnx.remat)."""
-    return block(h, AttnInputs(*inp), inv_freq)[0]
+    return block(h, AttnInputs(*inp), rope)[0]
 
 
 def _advance_ring(ring: jax.Array, qidx: jax.Array) -> jax.Array:
