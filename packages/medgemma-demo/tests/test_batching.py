@@ -179,3 +179,21 @@ def test_a_model_that_failed_to_load_fails_each_request_in_one_line():
     row = service.batcher.submit(Request([{"role": "user", "content": "hi"}], 4, None))
     with pytest.raises(RowError, match=r"^the model is not available: no config.json in /x$"):
         row.text(30)
+
+
+def test_a_burst_shares_a_batch_and_a_lone_question_waits_only_the_gap():
+    import time
+
+    backend = _Echo()
+    backend.gate.set()
+    batcher = Batcher(lambda: backend, max_batch=4, window_s=5.0, gap_s=0.3)
+    rows = []
+    for text in ("abc", "def", "ghi"):  # each within the gap of the one before
+        rows.append(batcher.submit(Request(text, 8, "greedy")))
+        time.sleep(0.01)
+    assert [r.text(10) for r in rows] == ["abc", "def", "ghi"]
+    assert backend.batches == [3]
+    start = time.monotonic()
+    assert batcher.submit(Request("jkl", 8, "greedy")).text(10) == "jkl"
+    assert time.monotonic() - start < 3.0  # the gap, not the 5 s window
+    assert backend.batches == [3, 1]

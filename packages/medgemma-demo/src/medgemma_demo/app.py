@@ -87,7 +87,7 @@ class DemoConfig:
     warmup: bool = True
     queue_size: int = 64
     max_batch: int = 8
-    batch_window_ms: int = 50
+    batch_window_ms: int = 250
     prompt_mode: str = "auto"
     command: str | None = None
     runs_dir: str | None = None

@@ -7,9 +7,12 @@ one batch on the :class:`Backend` (for medgemma-core: one compiled prefill and d
 over all rows). A backend may also sort requests into groups (``group``: medgemma-core's
 prompt-length bucket), so that a short question is not padded to a long one's length: rows of
 a batch share their group. Each row's text streams to its own :class:`Row` as it is produced; cancelling
-a row (Stop) ends that row only, and the batch ends when every row has ended. A request that
-arrives while a batch runs waits for the next one (no continuous batching: the engine's rows
-share one cache layout from the prefill on).
+a row (Stop) ends that row only, and the batch ends when every row has ended. Rows that
+ended leave the batch: once at most half of them go on, :class:`CoreBackend` shrinks it to
+those (``Engine.keep``), so a long last answer is decoded at batch 1 or 2, not 8. A request
+that arrives while a batch runs waits for the next one (no continuous batching: the rows of a
+batch share one index frame from the prefill on, and joining one would mean copying its
+prefilled cache into that frame at the running index).
 
 In base mode every prompt begins with the same few-shot frame: :class:`CoreBackend` prefills
 it once (``Engine.cache_prefix``) and each batch prefills only the questions after it.
@@ -149,16 +152,24 @@ class Row:
         self._queue.put(("error", message))
 
 
+#: A batch starts once no request arrived for this long (or its window ended, or it is full).
+GAP_S = 0.05
+
+
 class Batcher:
     """Collects requests into batches for ``backend()`` (called in the worker, so it may wait
     for a model still loading). ``max_batch``: rows per batch (the backend's own limit wins);
-    ``window_s``: how long the first request of a batch waits for others."""
+    ``window_s``: how long the first request of a batch waits for others at most; ``gap_s``:
+    the batch starts sooner, once that long passed without a new request (a lone question
+    waits ``gap_s``; a burst whose requests come in over a loaded server's few hundred
+    milliseconds still shares one batch)."""
 
     def __init__(self, backend: Callable[[], Backend], *, max_batch: int = 8,
-                 window_s: float = 0.05):
+                 window_s: float = 0.25, gap_s: float = GAP_S):
         self._backend = backend
         self.max_batch = max(1, int(max_batch))
         self.window_s = float(window_s)
+        self.gap_s = min(float(gap_s), self.window_s)
         self._queue: queue.Queue[Row] = queue.Queue()
         self._held: list[Row] = []  # taken from the queue but of other settings
         self._lock = threading.Lock()
@@ -194,13 +205,15 @@ class Batcher:
             self._held.remove(r)
             batch.append(r)
         deadline = time.monotonic() + self.window_s
+        last = time.monotonic()
         while len(batch) < limit:
-            left = deadline - time.monotonic()
+            left = min(deadline, last + self.gap_s) - time.monotonic()
             try:
                 row = self._queue.get(timeout=max(left, 0)) if left > 0 else \
                     self._queue.get_nowait()
             except queue.Empty:
                 break
+            last = time.monotonic()
             if self._key(row) == key:
                 batch.append(row)
             else:
@@ -295,6 +308,8 @@ def _log_timing(backend: Any, batch: list[Row], began: float) -> None:
     end = time.monotonic()
     info: dict[str, Any] = {"rows": len(batch),
                             "wait_s": round(began - min(r.submitted for r in batch), 3),
+                            "arrived_s": round(max(r.submitted for r in batch)
+                                               - min(r.submitted for r in batch), 3),
                             "total_s": round(end - began, 3),
                             "row_ends_s": [round((r.ended or end) - began, 2) for r in batch]}
     info.update(getattr(backend, "last_timing", None) or {})

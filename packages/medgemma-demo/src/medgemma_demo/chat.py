@@ -80,7 +80,7 @@ class ChatService:
 
     def __init__(self, loader: Loader[ChatModel], *, max_upload_mb: int = 1024,
                  checkpoint: str | None = None, prompt_mode: str = "auto", max_batch: int = 8,
-                 window_s: float = 0.05, command: str = "medgemma-demo",
+                 window_s: float = 0.25, command: str = "medgemma-demo",
                  queue_size: int | None = None):
         if prompt_mode not in ("auto", CHAT, BASE):
             raise ValueError(f"prompt_mode {prompt_mode!r}: choose auto, chat or base")
@@ -154,7 +154,8 @@ class ChatService:
         b = self.batcher
         return (f"**Ready:** {model.name} ({kind}, loaded in {ld.ready_after:.0f} s). "
                 f"Prompt: {how}.  \nServing: up to {b.max_batch} questions decoded together "
-                f"(batch window {b.window_s * 1000:.0f} ms"
+                f"(batch window {b.window_s * 1000:.0f} ms, starting {b.gap_s * 1000:.0f} ms "
+                "after the last question came"
                 + (f", queue of at most {self.queue_size} requests" if self.queue_size else "")
                 + f"); {b.waiting} waiting, {b.running} in the running batch.")
 

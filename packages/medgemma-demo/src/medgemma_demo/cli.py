@@ -51,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                         "the embedded default and checkpoints without a chat template")
     p.add_argument("--max-batch", type=int, default=8,
                    help="questions decoded together in one batch (default 8)")
-    p.add_argument("--batch-window-ms", type=int, default=50,
-                   help="how long a question waits for others to join its batch (default 50)")
+    p.add_argument("--batch-window-ms", type=int, default=250,
+                   help="how long a question waits at most for others to join its batch; the "
+                        "batch starts sooner once 50 ms pass without a new one (default 250)")
     p.add_argument("--queue-size", type=int, default=64,
                    help="waiting requests beyond which new ones are refused (default 64)")
     p.add_argument("--runs-dir", metavar="DIR",
