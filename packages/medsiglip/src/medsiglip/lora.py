@@ -26,6 +26,7 @@ out again (exact up to the kernel dtype's rounding).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -93,7 +94,7 @@ class LoRA(nnx.Module):
         self.b = nnx.LoRAParam(jnp.zeros((r, *out_shape), dtype),
                                out_sharding=("lora_rank", *names[n_in:]), eager_sharding=False)
         self.scale = float(config.scale)
-        self.dropout = (nnx.Dropout(config.dropout, deterministic=True, rngs=rngs)
+        self.dropout = (_Dropout(config.dropout, deterministic=True, rngs=rngs)
                         if config.dropout > 0 else None)
         self.merged = False
 
@@ -108,9 +109,8 @@ class LoRA(nnx.Module):
             x = self.dropout(x)
         a = self.a[...].reshape(-1, r).astype(x.dtype)
         b = self.b[...].reshape(r, -1).astype(x.dtype)
-        h = jnp.matmul(x.reshape(*lead, -1), a, preferred_element_type=jnp.float32)
-        out = jnp.matmul(h.astype(x.dtype), b, preferred_element_type=jnp.float32)
-        return (out * self.scale).astype(x.dtype).reshape(*lead, *self.b.shape[1:])
+        out = _low_rank(x.reshape(*lead, -1), a, b, self.scale)
+        return out.reshape(*lead, *self.b.shape[1:])
 
     def delta(self) -> jax.Array:
         """``a @ b * scale`` in float32, shaped like the kernel ``[*in, *out]``."""
@@ -118,6 +118,62 @@ class LoRA(nnx.Module):
         a = self.a[...].astype(jnp.float32).reshape(-1, r)
         b = self.b[...].astype(jnp.float32).reshape(r, -1)
         return (a @ b * self.scale).reshape(*self.a.shape[:-1], *self.b.shape[1:])
+
+
+class _Dropout(nnx.Dropout):
+    """``nnx.Dropout`` with a cheaper mask: 16 random bits per element (two per 32-bit draw)
+    compared with ``round(rate * 65536)``, instead of a float32 uniform per element. The rate
+    is used to within 2**-17 (0.05 -> 0.050003); on a CPU the mask costs about a third as
+    much, which matters for LoRA, whose every adapter input draws one."""
+
+    def __call__(self, inputs, *, deterministic=None, rngs=None):
+        det = self.deterministic if deterministic is None else deterministic
+        if det or self.rate == 0.0 or self.broadcast_dims or inputs.shape[-1] % 2:
+            return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
+        key = rngs() if rngs is not None else self.rngs()
+        cut = round(self.rate * 65536)
+        half = (*inputs.shape[:-1], inputs.shape[-1] // 2)
+        bits = jax.lax.bitcast_convert_type(jax.random.bits(key, half, jnp.uint32), jnp.uint16)
+        keep = bits.reshape(inputs.shape) >= cut
+        scale = jnp.asarray(65536 / (65536 - cut), inputs.dtype)
+        return jnp.where(keep, inputs * scale, jnp.zeros((), inputs.dtype))
+
+
+def _contract_lead(u: jax.Array, v: jax.Array) -> jax.Array:
+    """``u [..., m]``, ``v [..., n]`` -> ``[m, n]``, summed over the leading axes (f32)."""
+    lead = tuple(range(u.ndim - 1))
+    return jax.lax.dot_general(u, v, ((lead, lead), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``(x @ a) @ b * scale`` for ``x [..., K]``, ``a [K, r]``, ``b [r, N]`` (f32 accumulation,
+    the result in ``x``'s dtype)."""
+    return _low_rank_fwd(x, a, b, scale)[0]
+
+
+def _low_rank_fwd(x, a, b, scale):
+    h = jnp.matmul(x, a, preferred_element_type=jnp.float32).astype(x.dtype)
+    out = jnp.matmul(h, b, preferred_element_type=jnp.float32) * scale
+    return out.astype(x.dtype), (x, a, b, h)
+
+
+def _low_rank_bwd(scale, res, g):
+    # The weight gradients contract the (many) token axes. Written with the rank-r operand
+    # first (``h^T g``, ``(g b^T)^T x``), XLA's CPU layout keeps the big [tokens, N] operand
+    # as it is; autodiff's own order makes it copy that operand into a transposed layout
+    # for every adapter (measured: a LoRA MLP's gradient 222 -> 120 ms CPU).
+    x, a, b, h = res
+    gs = (g * scale).astype(x.dtype)
+    gh = jnp.matmul(gs, b.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    db = _contract_lead(h, gs).astype(b.dtype)
+    da = _contract_lead(gh, x).T.astype(a.dtype)
+    dx = jnp.matmul(gh, a.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    return dx, da, db
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def adapt(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
