@@ -46,7 +46,7 @@ def main() -> None:
 
     from medgemma_core import Sampling, load
     from medgemma_core.layers import vocab_projection
-    from medgemma_demo.batching import CoreBackend
+    from medgemma_demo.backends import CoreBackend
     from medgemma_demo.chat import REPETITION
     from medgemma_demo.prompting import BASE, BASE_STOPS, Turn, base_prompt, cut_at_stop
 

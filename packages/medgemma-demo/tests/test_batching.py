@@ -141,7 +141,7 @@ class _Echo:
 
 def test_prompts_of_other_lengths_go_in_other_batches(tiny):
     """medgemma-core's backend groups by prompt-length bucket; the batcher keeps groups apart."""
-    from medgemma_demo.batching import CoreBackend
+    from medgemma_demo.backends import CoreBackend
 
     core = CoreBackend(tiny, "chat")
     short = Request([{"role": "user", "content": "Hi?"}], 4, None)

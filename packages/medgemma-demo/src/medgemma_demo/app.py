@@ -103,7 +103,7 @@ def default_loader(config: DemoConfig) -> Loader[ChatModel]:
 
     def warmup(model: ChatModel) -> None:
         # One short answer, the shape of a first question: the first user waits less.
-        from .batching import CoreBackend
+        from .backends import CoreBackend
         from .chat import ChatService
         from .prompting import user_turn
 

@@ -25,7 +25,8 @@ from typing import Any
 
 import gradio as gr
 
-from .batching import LENGTH, Batcher, CoreBackend, Request, Row, RowError, SerialBackend
+from .backends import CoreBackend, SerialBackend
+from .batching import LENGTH, Batcher, Request, Row, RowError
 from .host import ChatModel, Loader
 from .prompting import BASE, BASE_STOPS, CHAT, base_prompt, messages, user_turn
 from .uploads import MB, LoadedUpload, UploadError, load_uploads, parse_options

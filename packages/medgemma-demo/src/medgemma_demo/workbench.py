@@ -201,7 +201,7 @@ def train_tab(service: Any, config: Any, runs: Runs) -> None:
 
         if not (text or "").strip():
             raise gr.Error("type a question first", print_exception=False)
-        from .batching import CoreBackend
+        from .backends import CoreBackend
         from .prompting import CHAT
 
         turn = user_turn(text.strip(), [], multimodal=False)
