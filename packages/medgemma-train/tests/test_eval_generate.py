@@ -22,6 +22,7 @@ def _agree(records, model, tok, n):
         assert r["output"] == tok.decode([t for t in want if t not in (1, 106)]), r["id"]
 
 
+@pytest.mark.slow  # its first three items are in the slow test below (CI time)
 def test_real_270m_first_items(ours_270m, reference_270m, qa_dir):
     model, tok = reference_270m
     task = get_task("medqa")
