@@ -102,10 +102,12 @@ def _rows(gguf: str, seq: int, path: Path) -> Path:
     src = read_source(SourceConfig(path=str(DATA)))
     enc = Encoder(_processor(Path(gguf), False), seq_len=seq, slots=0, image_text=False,
                   mask_prompt=True)
-    b = enc(list(src.examples), 1)
+    # rows whose answer is cut off at ``seq`` are bad rows: ours drops them (--skip-bad), so do we
+    kept = [ex for ex in src.examples if not enc.cut_problem(enc.token_ids(ex))]
+    b = enc(kept, 1)
     rows = [{"input_ids": b["tokens"][0, i].tolist(), "labels": b["labels"][0, i].tolist(),
              "attention_mask": b["attention_mask"][0, i].tolist()}
-            for i in range(len(src.examples))]
+            for i in range(len(kept))]
     path.write_text(json.dumps(rows))
     return path
 
@@ -116,7 +118,7 @@ def ours(gguf: str, mode: str, a: argparse.Namespace, tmp: Path) -> dict:
     cmd = [sys.executable, "-c", OURS, str(stats), "sft", "--checkpoint", gguf, "--data",
            str(DATA), "--out", str(out), "--max-steps", str(a.steps), "--batch-size",
            str(a.batch), "--seq-len", str(a.seq), "--lora-rank", "16" if mode == "lora" else "0",
-           "--no-progress", "--set", "data.mask_prompt=true", "--set", "run.save_every=0",
+           "--no-progress", "--skip-bad", "--set", "data.mask_prompt=true", "--set", "run.save_every=0",
            "--set", "run.keep_best=0", "--set", f"model.loss_chunk={a.chunk}"]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode:
