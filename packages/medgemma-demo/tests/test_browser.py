@@ -303,12 +303,12 @@ def test_train_then_evaluate_the_adapter(tiny_server, browser_context, tmp_path)
     page.press("#train-rank input[type=number]", "Enter")
     page.click("#train-start")
     # the loss curve fills in while it runs, then the adapter can be downloaded
-    page.wait_for_function("document.querySelector('#train-status').innerText.includes("
-                           "'Training') || document.querySelector('#train-status').innerText"
-                           ".includes('Done')", timeout=600_000)
-    page.wait_for_function("document.querySelector('#train-status').innerText.includes("
-                           "'Done')", timeout=600_000)
-    status = page.inner_text("#train-status")
+    # (a failed run ends the wait at once: its status line names the error)
+    for ended in ("'Training', 'Done'", "'Done'"):
+        page.wait_for_function(f"[{ended}, 'Failed'].some(w => document.querySelector("
+                               "'#train-status').innerText.includes(w))", timeout=600_000)
+        status = page.inner_text("#train-status")
+        assert "Failed" not in status, status
     assert "step **4 / 4**" in status or "step 4 / 4" in status, status
     page.wait_for_selector("#train-loss canvas, #train-loss svg", timeout=60_000)
     with page.expect_download(timeout=60_000) as info:

@@ -72,3 +72,45 @@ def test_job_log_names_the_error(tmp_path, monkeypatch):
         time.sleep(0.05)
     assert job.returncode == 2
     assert job.error_line() == "medgemma-train: error: no such file x.jsonl"
+
+
+def test_the_train_tab_defaults_keep_every_bundled_row_whole(tmp_path):
+    """The Train tab's own ``medgemma-train sft`` arguments, at its default settings, on each
+    bundled set (a tiny model with the real tokenizer), planned with ``--dry-run``: no row is
+    cut at the default Tokens per row, so none is skipped."""
+    import subprocess
+
+    from conftest import save_tiny_checkpoint
+
+    from medgemma_demo.workbench import SEQ_LEN, train_args
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+    procs = {name: subprocess.Popen(
+        [*jobs.train_command(), *train_args(checkpoint, bundled_path(name), tmp_path / str(i)),
+         "--dry-run", "--json"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i, name in enumerate(BUNDLED)}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (name, out[-2000:])
+        plan = json.loads(out.strip().splitlines()[-1])
+        assert (plan["cut_rows"], plan["bad_rows"]) == (0, 0), (name, plan)
+        assert 0 < plan["longest_row_tokens"] <= SEQ_LEN, (name, plan)
+        assert plan["mixture"][0]["rows"] == 50, (name, plan)
+
+
+def test_the_status_line_counts_skipped_rows(tmp_path):
+    from types import SimpleNamespace
+
+    from medgemma_demo.workbench import train_status
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(
+        {"step": 2, "split": "train", "loss": 3.5, "tokens_per_s": 120.0}) + "\n")
+    job = SimpleNamespace(folder=tmp_path, elapsed=5.0, running=True, stopped=False,
+                          returncode=None)
+    assert "skipped" not in train_status(job, 4)
+    (tmp_path / "bad_rows.jsonl").write_text("".join(json.dumps(
+        {"where": f"train.jsonl:{i}", "reason": "its answer is past the cut"}) + "\n"
+        for i in (3, 9)))
+    status = train_status(job, 4)
+    assert status.startswith("**Training...** step **2 / 4**"), status
+    assert "2 row(s) skipped" in status and "Tokens per row" in status, status

@@ -29,6 +29,8 @@ BUNDLED = {"MedQA (50 questions)": "medqa_sampled_50.jsonl",
            "PubMedQA (50)": "pubmedqa_sampled_50.jsonl",
            "AfriMed-QA (50)": "afrimedqa_sampled_50.jsonl"}
 UPLOAD = "Upload my data"
+# tokens per training row: the longest bundled row (MedQA, 637 tokens) fits whole
+SEQ_LEN = 640
 TASKS = ("medqa", "medmcqa", "pubmedqa", "afrimedqa", "mmlu_med")
 LOADED, TUNED = "loaded model", "fine-tuned (last Train run)"
 ONE_RUN = ("One run at a time per server (training or evaluation): a second waits until the "
@@ -97,6 +99,23 @@ def _training_data(choice: str, upload: str | None, folder: Path) -> Path:
     return found[0]
 
 
+def train_args(checkpoint: str | Path, data: Path, folder: Path, *, steps: float = 20,
+               rank: float = 8, lr: float = 2e-4, batch: float = 4,
+               seq: float = SEQ_LEN) -> list[str]:
+    """The ``medgemma-train sft`` arguments of a Train-tab run. Rows whose answer does not fit
+    in ``seq`` tokens are dropped (``--skip-bad``) and counted in the status line."""
+    return ["sft", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(folder),
+            "--max-steps", str(int(steps)), "--lora-rank", str(int(rank)), "--lr",
+            str(float(lr)), "--batch-size", str(int(batch)), "--seq-len", str(int(seq)),
+            "--skip-bad", "--export", "peft", "--export", "hf", "--no-progress",
+            "--set", "run.log_every=1", "--set", f"run.save_every={int(steps)}"]
+
+
+def skipped_rows(run: Path) -> int:
+    """How many rows the run dropped as bad (``bad_rows.jsonl``: e.g. longer than ``seq``)."""
+    return len(read_jsonl(run / "bad_rows.jsonl"))
+
+
 def loss_table(run: Path) -> pd.DataFrame:
     rows = [r for r in read_jsonl(run / "metrics.jsonl")
             if r.get("split", "train") == "train" and r.get("loss") is not None]
@@ -116,6 +135,10 @@ def train_status(job: Job | None, steps: int) -> str:
         parts.append(f"loss {last['loss']:.4f}")
     if tps:
         parts.append(f"{tps:,.0f} tokens/s")
+    skipped = skipped_rows(job.folder)
+    if skipped:
+        parts.append(f"{skipped} row(s) skipped: their answer is past Tokens per row "
+                     f"(raise it under More to keep them)")
     if job.running:
         head = "**Training...**" if rows else "**Starting** (loading the model, compiling)..."
     elif job.stopped:
@@ -141,7 +164,7 @@ def train_tab(service: Any, config: Any, runs: Runs) -> None:
             lr = gr.Number(value=2e-4, label="Learning rate", elem_id="train-lr")
             with gr.Accordion("More", open=False):
                 batch = gr.Slider(1, 32, value=4, step=1, label="Batch size (rows per step)")
-                seq = gr.Slider(32, 2048, value=256, step=32, label="Tokens per row")
+                seq = gr.Slider(32, 2048, value=SEQ_LEN, step=32, label="Tokens per row")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="train-start")
                 stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -165,11 +188,8 @@ def train_tab(service: Any, config: Any, runs: Runs) -> None:
     def on_start(choice, file, rank_, steps_, lr_, batch_, seq_):
         folder = runs.new_folder("train")
         path = _training_data(choice, file, folder)
-        args = ["sft", "--checkpoint", runs.model_path(), "--data", str(path), "--out",
-                str(folder), "--max-steps", str(int(steps_)), "--lora-rank", str(int(rank_)),
-                "--lr", str(float(lr_)), "--batch-size", str(int(batch_)), "--seq-len",
-                str(int(seq_)), "--export", "peft", "--export", "hf", "--no-progress",
-                "--set", "run.log_every=1", "--set", f"run.save_every={int(steps_)}"]
+        args = train_args(runs.model_path(), path, folder, steps=steps_, rank=rank_, lr=lr_,
+                          batch=batch_, seq=seq_)
         try:
             runs.train_job = runs.slot.start("training", args, folder)
         except RuntimeError as exc:
