@@ -76,18 +76,20 @@ def test_job_log_names_the_error(tmp_path, monkeypatch):
 
 def test_the_train_tab_defaults_keep_every_bundled_row_whole(tmp_path):
     """The Train tab's own ``medgemma-train sft`` arguments, at its default settings, on each
-    bundled set (a tiny model with the real tokenizer), planned with ``--dry-run``: no row is
-    cut at the default Tokens per row, so none is skipped."""
+    bundled set (a tiny text model with the real tokenizer), planned with ``--dry-run``: no row
+    is cut at the default Tokens per row, so none is skipped, and the rows are packed."""
     import subprocess
 
     from conftest import save_tiny_checkpoint
 
-    from medgemma_demo.workbench import SEQ_LEN, train_args
+    from medgemma_core import load
+    from medgemma_demo.workbench import SEQ_LEN, packs, train_args
 
     checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+    assert packs(load(checkpoint)) and not packs(None)  # a text model packs; none loaded yet
     procs = {name: subprocess.Popen(
-        [*jobs.train_command(), *train_args(checkpoint, bundled_path(name), tmp_path / str(i)),
-         "--dry-run", "--json"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [*jobs.train_command(), *train_args(checkpoint, bundled_path(name), tmp_path / str(i),
+                                            pack=True), "--dry-run", "--json"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i, name in enumerate(BUNDLED)}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=600)
@@ -95,7 +97,8 @@ def test_the_train_tab_defaults_keep_every_bundled_row_whole(tmp_path):
         plan = json.loads(out.strip().splitlines()[-1])
         assert (plan["cut_rows"], plan["bad_rows"]) == (0, 0), (name, plan)
         assert 0 < plan["longest_row_tokens"] <= SEQ_LEN, (name, plan)
-        assert plan["mixture"][0]["rows"] == 50, (name, plan)
+        assert plan["mixture"][0]["rows"] == plan["packing"]["rows"] == 50, (name, plan)
+        assert plan["packing"]["sequences"] < 50 and plan["rows_per_step"] == 2, (name, plan)
 
 
 def test_the_status_line_counts_skipped_rows(tmp_path):

@@ -31,6 +31,8 @@ BUNDLED = {"MedQA (50 questions)": "medqa_sampled_50.jsonl",
 UPLOAD = "Upload my data"
 # tokens per training row: the longest bundled row (MedQA, 637 tokens) fits whole
 SEQ_LEN = 640
+# sequences per step: at 640 tokens, a 20-step LoRA run of the 270M takes minutes on 2 cores
+BATCH = 2
 TASKS = ("medqa", "medmcqa", "pubmedqa", "afrimedqa", "mmlu_med")
 LOADED, TUNED = "loaded model", "fine-tuned (last Train run)"
 ONE_RUN = ("One run at a time per server (training or evaluation): a second waits until the "
@@ -100,15 +102,22 @@ def _training_data(choice: str, upload: str | None, folder: Path) -> Path:
 
 
 def train_args(checkpoint: str | Path, data: Path, folder: Path, *, steps: float = 20,
-               rank: float = 8, lr: float = 2e-4, batch: float = 4,
-               seq: float = SEQ_LEN) -> list[str]:
+               rank: float = 8, lr: float = 2e-4, batch: float = BATCH,
+               seq: float = SEQ_LEN, pack: bool = False) -> list[str]:
     """The ``medgemma-train sft`` arguments of a Train-tab run. Rows whose answer does not fit
-    in ``seq`` tokens are dropped (``--skip-bad``) and counted in the status line."""
+    in ``seq`` tokens are dropped (``--skip-bad``) and counted in the status line; ``pack``
+    (text-only models) fills each ``seq``-token sequence with several short rows."""
     return ["sft", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(folder),
             "--max-steps", str(int(steps)), "--lora-rank", str(int(rank)), "--lr",
             str(float(lr)), "--batch-size", str(int(batch)), "--seq-len", str(int(seq)),
-            "--skip-bad", "--export", "peft", "--export", "hf", "--no-progress",
-            "--set", "run.log_every=1", "--set", f"run.save_every={int(steps)}"]
+            *(["--pack"] if pack else []), "--skip-bad", "--export", "peft", "--export", "hf",
+            "--no-progress", "--set", "run.log_every=1", "--set",
+            f"run.save_every={int(steps)}"]
+
+
+def packs(model: Any) -> bool:
+    """Whether a Train-tab run packs rows: a loaded text-only model (image rows never pack)."""
+    return model is not None and hasattr(model, "engine") and not model.is_multimodal
 
 
 def skipped_rows(run: Path) -> int:
@@ -163,7 +172,9 @@ def train_tab(service: Any, config: Any, runs: Runs) -> None:
             steps = gr.Slider(1, 500, value=20, step=1, label="Steps", elem_id="train-steps")
             lr = gr.Number(value=2e-4, label="Learning rate", elem_id="train-lr")
             with gr.Accordion("More", open=False):
-                batch = gr.Slider(1, 32, value=4, step=1, label="Batch size (rows per step)")
+                batch = gr.Slider(1, 32, value=BATCH, step=1,
+                                  label="Batch size (sequences per step; a text model packs "
+                                        "several short rows into each)")
                 seq = gr.Slider(32, 2048, value=SEQ_LEN, step=32, label="Tokens per row")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -189,7 +200,7 @@ def train_tab(service: Any, config: Any, runs: Runs) -> None:
         folder = runs.new_folder("train")
         path = _training_data(choice, file, folder)
         args = train_args(runs.model_path(), path, folder, steps=steps_, rank=rank_, lr=lr_,
-                          batch=batch_, seq=seq_)
+                          batch=batch_, seq=seq_, pack=packs(service.loader.value))
         try:
             runs.train_job = runs.slot.start("training", args, folder)
         except RuntimeError as exc:
