@@ -10,7 +10,8 @@ and the tied embedding of a :class:`~medgemma_core.transformer.Gemma3` in place 
   (flattened: o's heads x head_dim, as Hugging Face stores it; llama.cpp's Q8_0 blocks; a
   Q8_0 GGUF file loads into this mode without any float copy of its weights, :class:`Q8Source`).
 * ``"-mse"`` (``"int8-mse"``, ``"int8-g32-mse"``): each scale searched, on the weights alone,
-  for the least squared error (:func:`search_scales`) instead of ``max|w| / 127``.
+  for the least squared error (:func:`search_scales`, in :mod:`medgemma_core.quant_search`)
+  instead of ``max|w| / 127``.
 * ``"-ftable"``: the tied embedding / logits table stays in the model's dtype (only the
   projections are int8): for a 262144-row table 4 bytes a weight in float32 instead of 1.
 
@@ -43,6 +44,8 @@ import numpy as np
 from flax import nnx, struct
 
 from medsiglip.sharding import param
+
+from .quant_search import SEARCH_K, block_k, search_scales  # noqa: F401 (re-exported)
 
 __all__ = ["CHUNK_BYTES", "MODES", "QArray", "QWeight", "Scheme", "check_mode", "dot",
            "is_quantized", "logits", "mode_of", "q8_0_mode", "quantize", "quantize_array",
@@ -223,72 +226,12 @@ def quantize_array(w, in_axes: tuple[int, ...], group: int = 0, *, xp=jnp,
         axis = in_axes
         amax = xp.max(xp.abs(w), axis=in_axes, keepdims=True)
     if search and xp is np:
-        k = _blocks_back(search_scales(_blocks(grouped, axis)), amax.shape, axis)
+        k = block_k(grouped, axis, amax.shape)
         scale = np.where(amax > 0, amax / k, 1.0).astype(np.float32)
     else:
         scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
     values = xp.clip(xp.round(grouped / scale), -127, 127).astype(xp.int8).reshape(shape)
     return values, scale
-
-
-# ---- the scale search ------------------------------------------------------------------------
-# scale = max|w| / k: k = 127 (max|w| / 127, first: a tie keeps it), k > 127 clips the largest
-# weights, k < 127 leaves levels unused (weights already on a coarser grid fall on it exactly)
-SEARCH_K = (127, *range(126, 63, -1), *range(128, 161, 2))
-_SEARCH_ELEMENTS = 1 << 22  # weights per searched chunk
-
-
-def _blocks(grouped: np.ndarray, axis) -> np.ndarray:
-    """``grouped`` as ``[blocks, weights of a block]`` (the reduced ``axis`` last)."""
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    rest = [a for a in range(grouped.ndim) if a not in axes]
-    moved = np.transpose(grouped, (*rest, *axes))
-    return moved.reshape(-1, math.prod(grouped.shape[a] for a in axes))
-
-
-def _blocks_back(k: np.ndarray, shape, axis) -> np.ndarray:
-    """Per-block ``k`` ([blocks]) in the scale's keepdims ``shape``."""
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    rest = [a for a in range(len(shape)) if a not in axes]
-    out = k.reshape([shape[a] for a in rest])
-    return np.expand_dims(out, axes) if axes else out
-
-
-def search_scales(blocks: np.ndarray) -> np.ndarray:
-    """For each row of ``blocks`` ([n, size] float32), the ``k`` in :data:`SEARCH_K` (float32)
-    whose ``scale = max|w| / k`` gives the least ``sum((w - scale * q)^2)``, ``q = clip(round(w
-    / scale), -127, 127)``: weights alone, no calibration data. The first such k on a tie."""
-    blocks = np.ascontiguousarray(blocks, np.float32)
-    n, size = blocks.shape
-    rows = max(1, _SEARCH_ELEMENTS // size)
-    rows = min(rows, 1 << max(n - 1, 0).bit_length())  # small tensors: a power of two
-    out = np.empty(n, np.float32)
-    for i in range(0, n, rows):
-        part = blocks[i:i + rows]
-        if part.shape[0] < rows:  # one compiled shape: pad the last chunk with zero blocks
-            part = np.concatenate([part, np.zeros((rows - part.shape[0], size), np.float32)])
-        out[i:i + rows] = np.asarray(_search(part))[:min(rows, n - i)]
-    return out
-
-
-@jax.jit
-def _search(blocks):
-    amax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)
-    amax = jnp.where(amax > 0, amax, 1.0)
-    ks = jnp.asarray(SEARCH_K, jnp.float32)
-
-    def err(k):
-        s = amax / k
-        return jnp.sum(jnp.square(blocks - s * jnp.clip(jnp.round(blocks / s), -127, 127)), 1)
-
-    def body(i, carry):
-        best_k, best_e = carry
-        e = err(ks[i])
-        better = e < best_e
-        return jnp.where(better, ks[i], best_k), jnp.where(better, e, best_e)
-
-    first = (jnp.full(blocks.shape[:1], ks[0]), err(ks[0]))
-    return jax.lax.fori_loop(1, len(SEARCH_K), body, first)[0]
 
 
 # ---- the model -------------------------------------------------------------------------------
