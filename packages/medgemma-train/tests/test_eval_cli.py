@@ -172,6 +172,7 @@ def test_zeroshot_auc_matches_transformers_and_sklearn(siglip, capsys, tmp_path)
     assert summary["auc_per_label"] == pytest.approx(aucs, abs=1e-6)
 
 
+@pytest.mark.slow  # two eval runs then compare (CI time)
 def test_compare_runs_table_and_chart(tiny_text, capsys, tmp_path):
     from medgemma_train.evals import compare
 

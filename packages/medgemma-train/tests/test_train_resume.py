@@ -80,6 +80,7 @@ def _params_base(ck):
     return _params(m)
 
 
+@pytest.mark.slow  # a kill inside the save (CI time; exact resume stays in the default run)
 def test_kill_during_save_restarts_from_last_complete(setup):
     """SIGKILL while Orbax writes a checkpoint (its temporary folder exists): the restart
     resumes from the last checkpoint whose save had completed, and finishes the run."""
