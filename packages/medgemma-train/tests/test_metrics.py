@@ -115,3 +115,98 @@ def test_paired_bootstrap_by_hand():
     assert always["p_value"] == 0.0 and always["ci95"] == [1.0, 1.0]
     with pytest.raises(ValueError, match="same items"):
         paired_bootstrap(m.ACCURACY, base, base[:2])
+
+
+def test_compare_of_hand_written_run_folders(tmp_path):
+    """``compare`` on two run folders in the harness's format, written by hand (the slow
+    test_eval_cli test makes them with real eval runs): accuracy on the common items, the paired
+    delta, the Markdown table and the chart."""
+    import json
+
+    from PIL import Image
+
+    from medgemma_train.evals import compare
+
+    base = [True, False, True, False, False, True]  # 3 / 6
+    other = [True, True, True, False, True, True]   # 5 / 6
+    for name, marks in (("base", base), ("other", other)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "run.json").write_text(json.dumps(
+            {"task": "medqa", "mode": "loglik", "checkpoint": f"ck-{name}"}))
+        rows = [{"id": str(i), "correct": c, "parsed": "A", "gold": "A" if c else "B"}
+                for i, c in enumerate(marks)]
+        rows.append({"id": "99", "skipped": "too long"})  # never part of the comparison
+        (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = compare([tmp_path / "base", tmp_path / "other"], out=tmp_path / "report",
+                     n_boot=300)
+    assert result["items"] == 6
+    acc = [r["metrics"]["accuracy"]["value"] for r in result["runs"]]
+    assert acc == [pytest.approx(0.5), pytest.approx(5 / 6)]
+    assert result["runs"][1]["metrics"]["accuracy"]["vs_base"]["delta"] == pytest.approx(1 / 3)
+    table = (tmp_path / "report" / "comparison.md").read_text()
+    assert "| base |" in table and "| other |" in table and "p (paired bootstrap)" in table
+    png = Image.open(tmp_path / "report" / "comparison.png")
+    assert png.format == "PNG" and png.size[0] > 200
+
+
+@pytest.mark.parametrize("average", ["macro", "weighted"])
+def test_resampled_f1_equals_scikit_learn_on_every_resample(average):
+    """The bootstrap's all-resamples-at-once F1 against scikit-learn's f1_score on each
+    resample: single-answer classes (some answers unparsed or outside the gold set) and
+    multilabel sets (some labels never true or never predicted)."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    gold = rng.choice(list("ABCD"), 40, p=[0.5, 0.3, 0.15, 0.05])
+    pred = [g if rng.random() < 0.6 else rng.choice(["A", "B", "E", None]) for g in gold]
+    records = [{"gold": g, "parsed": p} for g, p in zip(gold, pred)]
+    idx = rng.integers(0, len(records), size=(50, len(records)))
+    metric = m.MACRO_F1 if average == "macro" else m.WEIGHTED_F1
+    got = metric.resampled(records, idx)
+    for b, row in enumerate(idx):
+        y_true = [str(records[i]["gold"]) for i in row]
+        y_pred = ["" if records[i]["parsed"] is None else str(records[i]["parsed"]) for i in row]
+        want = f1_score(y_true, y_pred, labels=sorted(set(y_true)), average=average,
+                        zero_division=0)
+        assert got[b] == pytest.approx(want, abs=1e-12), b
+    labels = ["effusion", "edema", "nodule", "mass"]
+    sets = [[lab for lab in labels[:3] if rng.random() < 0.3] for _ in range(30)]
+    guesses = [[lab for lab in labels if rng.random() < 0.25] for _ in range(30)]
+    records = [{"gold": s, "parsed": g} for s, g in zip(sets, guesses)]
+    idx = rng.integers(0, len(records), size=(50, len(records)))
+    metric = m.multilabel_f1(labels, average)
+    got = metric.resampled(records, idx)
+    for b, row in enumerate(idx):
+        y_true = np.array([[lab in records[i]["gold"] for lab in labels] for i in row], int)
+        y_pred = np.array([[lab in records[i]["parsed"] for lab in labels] for i in row], int)
+        want = f1_score(y_true, y_pred, average=average, zero_division=0)
+        assert got[b] == pytest.approx(want, abs=1e-12), b
+    # and the interval comes out the same through either path
+    slow = m.Metric("slow", "", compute=metric.compute)
+    assert bootstrap_ci(metric, records, n_boot=200) == bootstrap_ci(slow, records, n_boot=200)
+
+
+def test_resampled_auc_equals_scikit_learn_on_every_resample():
+    """Macro AUC on every resample at once against scikit-learn's roc_auc_score per label and
+    resample (tied scores included; labels with one gold class in a resample left out)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    labels = ["effusion", "edema", "rare"]
+    records = []
+    for i in range(25):
+        gold = [lab for lab, p in zip(labels, (0.4, 0.5, 0.06)) if rng.random() < p]
+        scores = {lab: float(np.round(rng.random() + 0.5 * (lab in gold), 1)) for lab in labels}
+        records.append({"id": str(i), "gold": gold, "scores": scores})
+    idx = rng.integers(0, len(records), size=(60, len(records)))
+    got = m.macro_auc(labels).resampled(records, idx)
+    for b, row in enumerate(idx):
+        aucs = []
+        for lab in labels:
+            y = [lab in records[i]["gold"] for i in row]
+            if 0 < sum(y) < len(y):
+                aucs.append(roc_auc_score(y, [records[i]["scores"][lab] for i in row]))
+        assert got[b] == pytest.approx(np.mean(aucs), abs=1e-12), b

@@ -17,6 +17,11 @@
   report, averaged; needs ``pip install 'medgemma-train[radgraph]'`` and its model.
 * ``auc`` (:func:`macro_auc`): the mean over labels of scikit-learn's ROC AUC of each label's
   score (MedSigLIP zero-shot); labels whose gold is all positive or all negative are left out.
+
+The bootstrap recomputes the F1s and the AUC on all its resamples at once (class counts by
+``bincount``; AUC as the Mann-Whitney statistic of average ranks), equal to scikit-learn's
+value on each resample (``tests/test_metrics.py``): 1,000 resamples of 200 items take 0.03
+CPU s for macro F1, against 5.3 s calling scikit-learn per resample.
 """
 
 from __future__ import annotations
@@ -115,6 +120,40 @@ def _f1(records: Records, average: str) -> float:
                           zero_division=0))
 
 
+def _f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, support: np.ndarray,
+                    counted: np.ndarray, average: str) -> np.ndarray:
+    """Per-resample F1 from ``[B, C]`` counts over the ``counted`` classes, as scikit-learn's
+    ``f1_score(..., zero_division=0)``: 0 where a class has no true, no predicted item."""
+    den = 2 * tp + fp + fn
+    f1 = np.where(den > 0, 2 * tp / np.maximum(den, 1), 0.0)
+    if average == "macro":
+        return (f1 * counted).sum(1) / np.maximum(counted.sum(1), 1)
+    if average == "weighted":
+        w = support * counted
+        total = w.sum(1)
+        return np.where(total > 0, (f1 * w).sum(1) / np.maximum(total, 1), 0.0)
+    raise ValueError(f"average must be 'macro' or 'weighted', not {average!r}")
+
+
+def _f1_resampled(records: Records, idx: np.ndarray, average: str) -> np.ndarray:
+    """:func:`_f1` of every resample ``records[idx[b]]`` at once (counts by ``bincount``):
+    the classes of a resample are the gold answers in it, as in :func:`_f1`."""
+    gold = [str(r["gold"]) for r in records]
+    pred = [str(r.get("parsed")) if r.get("parsed") is not None else "" for r in records]
+    ids = {lab: i for i, lab in enumerate(sorted(set(gold) | set(pred)))}
+    k, b = len(ids), idx.shape[0]
+    t = np.array([ids[g] for g in gold])[idx]  # [B, N]
+    p = np.array([ids[x] for x in pred])[idx]
+    row = np.arange(b)[:, None] * k
+
+    def count(keys: np.ndarray) -> np.ndarray:
+        return np.bincount(keys.ravel(), minlength=b * k).reshape(b, k)
+
+    support, predicted = count(row + t), count(row + p)
+    tp = count((row + t)[t == p])
+    return _f1_from_counts(tp, predicted - tp, support - tp, support, support > 0, average)
+
+
 def _label_matrix(sets: Sequence[Sequence[str]], labels: Sequence[str]) -> np.ndarray:
     index = {lab: i for i, lab in enumerate(labels)}
     out = np.zeros((len(sets), len(labels)), np.int8)
@@ -136,8 +175,17 @@ def multilabel_f1(labels: Sequence[str], average: str = "macro") -> Metric:
         y_pred = _label_matrix([r.get("parsed") or () for r in records], labels)
         return float(f1_score(y_true, y_pred, average=average, zero_division=0))
 
+    def resampled(records: Records, idx: np.ndarray) -> np.ndarray:
+        y_true = _label_matrix([r["gold"] for r in records], labels).astype(np.int32)
+        y_pred = _label_matrix([r.get("parsed") or () for r in records], labels).astype(np.int32)
+        support = y_true[idx].sum(1)  # [B, L]
+        tp = (y_true & y_pred)[idx].sum(1)
+        fp = y_pred[idx].sum(1) - tp
+        return _f1_from_counts(tp, fp, support - tp, support, np.ones_like(support, bool),
+                               average)
+
     return Metric(f"{average}_f1", f"scikit-learn {average} F1 over the labels "
-                  f"({', '.join(labels)})", compute=compute)
+                  f"({', '.join(labels)})", compute=compute, resampled=resampled)
 
 
 def _bleu(records: Records) -> float:
@@ -167,15 +215,32 @@ def macro_auc(labels: Sequence[str]) -> Metric:
         aucs = [v for v in auc_per_label(records, labels).values() if v is not None]
         return float(np.mean(aucs)) if aucs else float("nan")
 
+    def resampled(records: Records, idx: np.ndarray) -> np.ndarray:
+        from scipy.stats import rankdata
+
+        aucs = []
+        for lab in labels:  # ROC AUC = Mann-Whitney U / (positives x negatives), ties averaged
+            y = np.array([lab in r["gold"] for r in records], bool)[idx]
+            ranks = rankdata(np.array([float(r["scores"][lab]) for r in records])[idx], axis=1)
+            pos = y.sum(1)
+            neg = y.shape[1] - pos
+            u = (ranks * y).sum(1) - pos * (pos + 1) / 2
+            aucs.append(np.where((pos > 0) & (neg > 0), u / np.maximum(pos * neg, 1), np.nan))
+        stack = np.stack(aucs)  # [L, B]
+        seen = ~np.isnan(stack)
+        return np.where(seen.any(0), np.nansum(stack, 0) / np.maximum(seen.sum(0), 1), np.nan)
+
     return Metric("auc", "mean ROC AUC over the labels (MedSigLIP zero-shot scores)",
-                  compute=compute)
+                  compute=compute, resampled=resampled)
 
 
 ACCURACY = Metric("accuracy", "fraction correct", per_item=_correct)
 MACRO_F1 = Metric("macro_f1", "scikit-learn F1, unweighted mean over classes",
-                  compute=lambda rs: _f1(rs, "macro"))
+                  compute=lambda rs: _f1(rs, "macro"),
+                  resampled=lambda rs, idx: _f1_resampled(rs, idx, "macro"))
 WEIGHTED_F1 = Metric("weighted_f1", "scikit-learn F1, mean over classes weighted by support",
-                     compute=lambda rs: _f1(rs, "weighted"))
+                     compute=lambda rs: _f1(rs, "weighted"),
+                     resampled=lambda rs, idx: _f1_resampled(rs, idx, "weighted"))
 TOKEN_F1 = Metric("token_f1", "SQuAD token F1 after normalisation", per_item=_token_f1)
 EXACT_MATCH = Metric("exact_match", "normalized answer equals gold", per_item=_exact)
 ROUGE_L = Metric("rouge_l", "ROUGE-L F-measure (rouge-score, stemmed)", per_item=_rouge_l)

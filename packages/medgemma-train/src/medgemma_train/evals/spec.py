@@ -122,6 +122,8 @@ class Metric:
     (accuracy, token F1, ROUGE-L, RadGraph F1), which makes bootstrapping cheap. Otherwise
     ``compute(records) -> float`` (macro F1, BLEU, AUC), recomputed on each bootstrap resample.
     ``available()``: None when it can run, else one line saying how to install what it needs.
+    ``resampled(records, idx [B, N]) -> float [B]``, optional beside ``compute``: the metric on
+    every bootstrap resample at once (``records[idx[b]]``), equal to ``compute`` on each.
     """
 
     name: str
@@ -129,6 +131,7 @@ class Metric:
     per_item: Callable[[Sequence[Mapping[str, Any]]], np.ndarray] | None = None
     compute: Callable[[Sequence[Mapping[str, Any]]], float] | None = None
     available: Callable[[], str | None] = lambda: None
+    resampled: Callable[[Sequence[Mapping[str, Any]], np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if (self.per_item is None) == (self.compute is None):

@@ -29,6 +29,8 @@ def _resampled(metric: Metric, records: Records, idx: np.ndarray) -> np.ndarray:
     if metric.per_item is not None:
         scores = np.asarray(metric.per_item(records), float)
         return scores[idx].mean(axis=1)
+    if metric.resampled is not None:
+        return np.asarray(metric.resampled(records, idx), float)
     assert metric.compute is not None
     return np.array([metric.compute([records[i] for i in row]) for row in idx])
 
