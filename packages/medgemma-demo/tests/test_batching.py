@@ -197,3 +197,72 @@ def test_a_burst_shares_a_batch_and_a_lone_question_waits_only_the_gap():
     assert batcher.submit(Request("jkl", 8, "greedy")).text(10) == "jkl"
     assert time.monotonic() - start < 3.0  # the gap, not the 5 s window
     assert backend.batches == [3, 1]
+
+
+class _Joinable(_Steps):
+    """:class:`_Steps` that takes in waiting requests between steps (continuous batching)."""
+
+    takes_joiners = True
+
+    def __init__(self):
+        super().__init__()
+        self.joined: list[int] = []
+
+    def run(self, requests, incoming=None):
+        texts = [r.prompt for r in requests]
+        done = [0] * len(texts)
+        while any(n < len(t) for n, t in zip(done, texts)):
+            self.go.acquire(timeout=5)
+            new = incoming(8 - len(texts), 4)
+            self.joined.append(len(new))
+            texts += [r.prompt for r in new]
+            done += [0] * len(new)
+            out = []
+            for i, t in enumerate(texts):
+                out.append((t[done[i]:done[i] + 1], None if done[i] + 1 < len(t) else STOP))
+                done[i] += 1
+            yield out
+
+
+def test_a_request_that_comes_while_a_batch_runs_joins_it():
+    backend = _Joinable()
+    batcher = Batcher(lambda: backend, max_batch=8, window_s=0.2, gap_s=0.05)
+    a = batcher.submit(Request("abcdef", 8, "greedy"))
+    backend.go.release()
+    pieces = a.pieces(10)
+    assert next(pieces) == "a"  # the batch runs, waiting for its next step
+    b = batcher.submit(Request("xyz", 4, "greedy"))  # joins at the next step
+    c = batcher.submit(Request("long one", 9, "greedy"))  # more tokens than the room: waits
+    d = batcher.submit(Request("other", 4, "t=0.7"))  # other settings: waits
+    for _ in range(40):
+        backend.go.release()
+    assert "".join(pieces) == "bcdef" and b.text(10) == "xyz"
+    assert c.text(10) == "long one" and d.text(10) == "other"
+    assert b.batch_size == 2 and b.finish == STOP
+    assert batcher.batches == [1, 1, 1]  # a (+ b joined), then c, then d
+
+
+def test_rows_joining_a_running_core_batch_answer_as_alone(tiny):
+    """CoreBackend: two questions join a one-row batch after its second chunk (a batch of 4
+    rows, one of padding); every answer equals medgemma-core's own."""
+    from medgemma_core import Sampling
+    from medgemma_demo.backends import CoreBackend
+
+    core = CoreBackend(tiny, "chat", chunk=2)
+    requests = [Request([{"role": "user", "content": q}], 10, Sampling()) for q in QUESTIONS]
+    asked = []
+
+    def incoming(n, room):
+        asked.append((n, room))
+        return requests[1:] if len(asked) == 2 else []
+
+    answers = ["", "", ""]
+    for chunk in core.run(requests[:1], incoming=incoming):
+        for i, (text, _) in enumerate(chunk):
+            answers[i] += text
+    assert asked[:2] == [(4, 20), (4, 18)]  # 7 free rows: 4 (a power of two) may come
+    assert core.last_timing["joined"] == [[3, 2]], core.last_timing
+    for q, answer in zip(QUESTIONS, answers):
+        single = tiny.chat([{"role": "user", "content": q}], max_new_tokens=10,
+                           sampling=Sampling())
+        assert answer == single and answer

@@ -10,6 +10,7 @@ The step API drives that loop directly (what :meth:`Engine.stream` does, and ben
     state = engine.decode(state, 64)                      # the loop, up to 64 tokens in all
     state.tokens                                          # [B, N] produced ids (pad after stop)
     state = engine.keep(state, [0, 2])                    # rows 0 and 2 go on alone
+    state = engine.join(state, [1], engine.start([ids]))  # a new row takes row 1's place
 
 A prefix shared by many prompts (a few-shot frame, a system prompt) can be prefilled once:
 ``prefix = engine.cache_prefix(ids)``; ``start(..., prefix=prefix)`` then copies its KV into
@@ -358,6 +359,77 @@ class Engine:
                                    start=take(loop.cache.start))
         return _LoopState(cache, take(loop.token), take(loop.done), take(loop.out), loop.step,
                           take(loop.hist), take(loop.first))
+
+    def join(self, state: DecodeState, rows: Sequence[int], new: DecodeState) -> DecodeState:
+        """Continuous batching: the rows of ``new`` (a :meth:`start` result, one token per
+        row) take the places ``rows`` of ``state`` (rows that ended, or repeats from
+        :meth:`keep`) and decode on with the others. Each joining row is moved into the
+        running frame (its prompt ends at the batch's next index); RoPE positions count from
+        a row's own first token, so its keys, values and greedy answer are those it has alone.
+        Its ids start at column ``state.step - 1`` of ``tokens``. Needs the same sampling and
+        stops, prompts no longer than the batch's current index, and room:
+        ``state.step - 1 + new.max_new_tokens <= state.max_new_tokens``. ``state`` is consumed."""
+        rows = [int(r) for r in rows]
+        b = len(state.prompt_tokens)
+        if (len(rows) != len(new.prompt_tokens) or len(set(rows)) != len(rows)
+                or not all(0 <= r < b for r in rows)):
+            raise ValueError(f"rows must be {len(new.prompt_tokens)} distinct indices of the "
+                             f"{b} running rows")
+        if (new.sampling.static_key() != state.sampling.static_key()
+                or new.stops != state.stops):
+            raise ValueError("joining rows need the running batch's sampling and stop tokens")
+        step, fresh = state.step, new.step
+        if fresh != 1:
+            raise ValueError("join rows straight after start() (one token each)")
+        length = int(state.carry.cache.length)
+        if max(new.prompt_tokens) > length:
+            raise ValueError(f"a prompt of {max(new.prompt_tokens)} tokens cannot join a batch "
+                             f"at index {length}; start it in a batch of its own")
+        if step - 1 + new.max_new_tokens > state.max_new_tokens:
+            raise ValueError(f"no room: {new.max_new_tokens} new tokens from step {step} pass "
+                             f"the running batch's max_new_tokens={state.max_new_tokens}")
+        shift = length - int(new.carry.cache.length)
+        carry = self._join(state.carry, new.carry, jnp.asarray(rows, jnp.int32),
+                           jnp.int32(shift), jnp.int32(step))
+        tokens = list(state.prompt_tokens)
+        for r, n in zip(rows, new.prompt_tokens):
+            tokens[r] = n
+        return dataclasses.replace(state, carry=carry, prompt_tokens=tuple(tokens))
+
+    @functools.partial(jax.jit, static_argnames=("self",), donate_argnums=(1,))
+    def _join(self, loop: _LoopState, new: _LoopState, rows, shift, step):
+        """``new``'s rows into ``loop``'s places ``rows``; ``shift``: the running index of
+        ``new``'s index 0."""
+        run, add = loop.cache, new.cache
+        layers = []
+        for i, ((rk, rv), (nk, nv)) in enumerate(zip(run.layers, add.layers)):
+            s_new = nk.shape[2]
+            if self.config.is_local(i):  # ring slots: the running index each one holds
+                idx = run.ring_index
+                src = idx - shift
+                slot = src % s_new
+                ok = (idx >= 0) & (jnp.take(add.ring_index, slot) == src)
+            else:
+                src = jnp.arange(rk.shape[2], dtype=jnp.int32) - shift
+                slot = jnp.clip(src, 0, s_new - 1)
+                ok = src < s_new
+            ok = ok[None] & (src[None] >= add.start[:, None]) & (src[None] < add.length)
+            k = jnp.where(ok[:, None, :, None], jnp.take(nk, slot, axis=2), 0)
+            v = jnp.where(ok[:, None, None, :], jnp.take(nv, slot, axis=3), 0)
+            layers.append((rk.at[rows].set(k.astype(rk.dtype)),
+                           rv.at[rows].set(v.astype(rv.dtype))))
+        cache = run.replace(layers=tuple(layers), start=run.start.at[rows].set(add.start + shift))
+        n = loop.out.shape[1]
+        out = jnp.where(jnp.arange(n)[None] == step - 1, new.token[:, None], self.pad_id)
+        hist = loop.hist
+        if hist.shape[1]:  # the prompt and first token, moved by the same shift
+            cols = jnp.arange(hist.shape[1], dtype=jnp.int32) - shift
+            ok = (cols >= 0) & (cols <= add.length)
+            moved = jnp.take(new.hist, jnp.clip(cols, 0, new.hist.shape[1] - 1), axis=1)
+            hist = hist.at[rows].set(jnp.where(ok[None], moved, self.pad_id))
+        return _LoopState(cache, loop.token.at[rows].set(new.token),
+                          loop.done.at[rows].set(new.done), loop.out.at[rows].set(out),
+                          loop.step, hist, loop.first.at[rows].set(new.first + shift))
 
     def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
                sampling: Sampling = Sampling(), chunk: int = 4, ignore_eos: bool = False,

@@ -10,10 +10,11 @@ so that a short question is not padded to a long one's length: rows of a batch s
 group. Each row's text streams to its own :class:`Row` as it is produced; cancelling a row
 (Stop) ends that row only, and the batch ends when every row has ended. Rows that ended
 leave the batch: once at most half of them go on, ``CoreBackend`` shrinks it to those
-(``Engine.keep``), so a long last answer is decoded at batch 1 or 2, not 8. A request that
-arrives while a batch runs waits for the next one (no continuous batching: the rows of a
-batch share one index frame from the prefill on, and joining one would mean copying its
-prefilled cache into that frame at the running index).
+(``Engine.keep``), so a long last answer is decoded at batch 1 or 2, not 8. Continuous
+batching (``join``, on by default): a request of the same settings and group that arrives
+while a batch runs joins it at the next chunk, in a free row (``Engine.join``: its prompt is
+prefilled alone and its cache moved into the batch's index frame), as long as the batch has
+room for its tokens; otherwise it waits for the next batch.
 
 In base mode every prompt begins with the same few-shot frame: ``CoreBackend`` prefills it
 once (``Engine.cache_prefix``) and each batch prefills only the questions after it. Each
@@ -164,11 +165,12 @@ class Batcher:
     milliseconds still shares one batch)."""
 
     def __init__(self, backend: Callable[[], Backend], *, max_batch: int = 8,
-                 window_s: float = 0.25, gap_s: float = GAP_S):
+                 window_s: float = 0.25, gap_s: float = GAP_S, join: bool = True):
         self._backend = backend
         self.max_batch = max(1, int(max_batch))
         self.window_s = float(window_s)
         self.gap_s = min(float(gap_s), self.window_s)
+        self.join = join
         self._queue: queue.Queue[Row] = queue.Queue()
         self._held: list[Row] = []  # taken from the queue but of other settings
         self._lock = threading.Lock()
@@ -278,14 +280,41 @@ class Batcher:
                     except ValueError as one:
                         row._fail(_one_line(one))
 
-    @staticmethod
-    def _decode(backend: Backend, batch: list[Row]) -> None:
+    def _joiners(self, batch: list[Row], n: int, room: int) -> list[Request]:
+        """Up to ``n`` waiting requests that may join ``batch`` (its settings and group, at
+        most ``room`` new tokens), appended to it; the rest stay queued, in order."""
+        key = batch[0]._key
+        got: list[Row] = []
+        for row in [r for r in self._held if self._key(r) == key]:
+            if len(got) < n and row.request.max_new_tokens <= room:
+                self._held.remove(row)
+                got.append(row)
+        while len(got) < n:
+            try:
+                row = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if row.cancelled:
+                row._end(CANCELLED)
+            elif self._key(row) == key and row.request.max_new_tokens <= room:
+                got.append(row)
+            else:
+                self._held.append(row)
+        batch.extend(got)
+        for row in got:
+            row.batch_size = len(batch)
+        if got:
+            self.running = len([r for r in batch if not r.done])
+        return [r.request for r in got]
+
+    def _decode(self, backend: Backend, batch: list[Row]) -> None:
         requests = [r.request for r in batch]
+        kwargs: dict[str, Any] = {}
         if getattr(backend, "takes_finished", False):  # it may drop the rows that ended
-            chunks = backend.run(requests,  # type: ignore[call-arg]
-                                 finished=lambda: [r.done or r.cancelled for r in batch])
-        else:
-            chunks = backend.run(requests)
+            kwargs["finished"] = lambda: [r.done or r.cancelled for r in batch]
+        if self.join and getattr(backend, "takes_joiners", False):
+            kwargs["incoming"] = lambda n, room: self._joiners(batch, n, room)
+        chunks = backend.run(requests, **kwargs)
         try:
             for chunk in chunks:
                 for row, (text, state) in zip(batch, chunk):
