@@ -91,6 +91,8 @@ def test_adapters_keep_the_base_paths_and_start_as_a_no_op(mm):
     assert np.array_equal(np.asarray(model(tokens, pixels)), logits)  # b = 0
 
 
+@pytest.mark.slow  # an eager grad of the image-text model (CI time); medgemma-train's
+# test_stage_rl checks a LoRA policy's base stays bitwise unchanged in the default run
 def test_base_parameters_bitwise_unchanged_after_an_adamw_step(mm):
     model, tokens, pixels = mm
     apply_lora(model, LoRAConfig(rank=4, dropout=0.1), rngs=nnx.Rngs(1))
