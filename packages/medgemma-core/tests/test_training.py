@@ -203,7 +203,7 @@ def _naive_head(hs, table, targets):
 @pytest.mark.parametrize("n_valid", [0, 5, 37, 64, 100])
 def test_loss_head_equals_naive(n_valid):
     """The fused head (gradients computed in its forward pass, only the labelled rows
-    projected: chunks of 16, then 8, 4, 2) against plain autodiff, for the hidden states and
+    projected: chunk 16 asked, 100 rows -> chunks of 15, then 7, 3, 1) against plain autodiff, for the hidden states and
     the table; labelled rows scattered among unlabelled ones; with the table frozen, its
     gradient is not computed at all."""
     rng = np.random.default_rng(n_valid)
@@ -225,6 +225,17 @@ def test_loss_head_equals_naive(n_valid):
     full = str(jax.make_jaxpr(jax.grad(fused, argnums=(0, 1)))(hs, table))
     n_dots = lambda text: text.count("dot_general[")  # noqa: E731
     assert n_dots(frozen) * 3 == n_dots(full) * 2  # per chunk size: 2 products, not 3
+
+
+def test_chunk_sizes_split_the_rows_evenly():
+    """The asked chunk is shrunk to split the rows into equal chunks (a fully labelled batch
+    then has no small tail chunks: 4 x 511 for 4 rows of 512 tokens), then halved 3 times."""
+    assert training._sizes(512, 4 * 511) == [511, 255, 127, 63]
+    assert training._sizes(512, 2 * 511) == [511, 255, 127, 63]
+    assert training._sizes(512, 1024) == [512, 256, 128, 64]
+    assert training._sizes(512, 300) == [300, 150, 75, 37]
+    assert training._sizes(16, 100) == [15, 7, 3, 1]
+    assert training._sizes(4, 3) == [3, 1]
 
 
 def test_chunked_loss_equals_naive_and_needs_less_memory(mm_pair):

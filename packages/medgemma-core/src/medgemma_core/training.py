@@ -316,9 +316,14 @@ def _head(x: jax.Array, w: jax.Array, t: jax.Array, softcap: float | None, grads
 
 
 def _sizes(chunk: int, n: int) -> list[int]:
-    """Chunk sizes: ``chunk`` (as many as fit), then at most one each of chunk/2, /4, /8, so the
-    last rows are projected with little padding (at most chunk/8 - 1 padded rows)."""
+    """Chunk sizes: ``c`` = ``chunk`` or just under it, so that ``n`` rows split into equal
+    chunks (2,044 rows, chunk 512: 4 x 511; a fully labelled batch then has no tail), as many
+    as fit, then at most one each of c/2, /4, /8, so the last rows are projected with little
+    padding (at most c/8 - 1 padded rows). Measured on the 270M LoRA step (6 layers, batch 4 x
+    512, all rows labelled): the tail's four small products (256 + 128 + 64 + 64 rows) made
+    the step 24.3 CPU s against 22.2 with equal chunks."""
     c = max(1, min(int(chunk), n))
+    c = -(-n // -(-n // c))  # ceil(n / number of chunks): equal chunks of the n rows
     return sorted({max(1, c >> k) for k in range(4)}, reverse=True)
 
 
