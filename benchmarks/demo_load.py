@@ -17,7 +17,8 @@ pass and server, the ratios, mismatches, and the load average.
 Each user's gradio_client session is opened before the users start together (the time is
 the questions', not the clients' set-up). Per run also the server's CPU seconds (from
 /proc, when this script started it) and its ``batch timing`` log lines summed: batches,
-prefill, decode and host seconds, decode steps, the last row's end. ``ratio_8_vs_1_text``
+prefill, decode and host seconds, decode steps, the last row's end, the rows that joined a
+running batch (``[step, rows]``, continuous batching). ``ratio_8_vs_1_text``
 divides by the one user's time for the first question; ``ratio_8_vs_slowest_alone`` by the
 slowest of the 8 questions asked alone (a batch lasts as long as its longest answer).
 """
@@ -143,6 +144,7 @@ def batch_timings() -> dict:
     return {"batches": [r["rows"] for r in rows], **total,
             "tails": sorted({r.get("tail") or r.get("tokens") for r in rows} - {None}),
             "max_wait_s": max(r.get("wait_s", 0) for r in rows),
+            "joined": [j for r in rows for j in r.get("joined") or []],
             "row_ends_s": [r.get("row_ends_s") for r in rows][:3]}
 
 

@@ -48,6 +48,12 @@ def test_greedy_is_argmax():
     out = select(logits, jax.random.key(0), jnp.float32(1), jnp.float32(1), greedy=True,
                  top_k=0, use_top_p=False)
     assert out.tolist() == [1, 0]
+    # as numpy's argmax: the first of tied maxima, of infinities, the first NaN, an all -inf row
+    rows = np.asarray([[1.0, 4.0, 4.0, 2.0], [np.inf, 0.0, np.inf, 1.0],
+                       [1.0, np.nan, 9.0, np.nan], [-np.inf] * 4], np.float32)
+    out = select(jnp.asarray(rows), jax.random.key(0), jnp.float32(1), jnp.float32(1),
+                 greedy=True, top_k=0, use_top_p=False)
+    assert out.dtype == jnp.int32 and out.tolist() == np.argmax(rows, axis=-1).tolist()
 
 
 def test_seeded_sampling_is_reproducible(engine):
