@@ -71,6 +71,7 @@ MODES = {
     "int8-g32-mse-ftable": Scheme(32, None, True),
 }
 CHUNK_BYTES = 1 << 19  # CPU: float32 bytes of weight converted per step of a chunked product
+GEMV = True  # CPU: a single row's logits as one fused matrix-vector product (else chunked)
 # contracted ("in") axes of each quantized parameter in our layout (see checkpoints.names)
 IN_AXES = {"embedding": (1,), "q": (0,), "k": (0,), "v": (0,), "o": (0, 1), "gate": (0,),
            "up": (0,), "down": (0,)}
@@ -379,11 +380,24 @@ def _out_scale(w: QArray, ws: str, out: str, ndim: int) -> jax.Array:
     return s.reshape([size.get(c, 1) for c in body])
 
 
+def _gemv_logits(h: jax.Array, table: QArray) -> jax.Array:
+    """One row ``h [D]`` against the whole table: on the CPU, XLA emits a product of a vector
+    with the transpose of a converted ``[V, D]`` matrix as one loop fusion over the table's
+    rows (conversion, scales and dot fused, on every core, no float32 copy of the table)."""
+    h, vals, scale = jax.lax.optimization_barrier((h, table.values, table.scale))
+    w = _dequant(vals, scale, (1,), table.group, h.dtype, per_channel=False)
+    out = jnp.matmul(h.reshape(1, -1), w.T, preferred_element_type=jnp.float32)
+    return out if table.group else out * scale.reshape(-1)
+
+
 def logits(h: jax.Array, table: QArray) -> jax.Array:
-    """``h [..., D] @ table[V, D].T`` in float32; on the CPU in vocabulary chunks."""
+    """``h [..., D] @ table[V, D].T`` in float32; on the CPU in vocabulary chunks, or for a
+    single row (batch-1 decode) as one fused matrix-vector product."""
     vals = table.values
     v, d = vals.shape
     cdt = h.dtype
+    if jax.default_backend() == "cpu" and math.prod(h.shape[:-1]) == 1 and GEMV:
+        return _gemv_logits(h, table).reshape(*h.shape[:-1], v)
     r = _chunks(v, d * 4)
 
     def part(vc, sc):
