@@ -13,7 +13,7 @@ A variant is a comma-separated list of settings (or ``default``):
 ``xla:NAME=VALUE`` (an XLA option for that compile, e.g.
 ``xla:xla_cpu_experimental_onednn_fusion_type=dot``) or ``set:module.attr=VALUE`` (a module
 constant set while that variant is traced, e.g. ``set:medgemma_core.attention.QUERY_BLOCK=256``;
-VALUE is parsed as a Python literal).
+VALUE is parsed as a Python literal, or ``@module.attr`` names another object).
 
     python benchmarks/train_step_profile.py --mode lora --layers 6 --batch 2 --seq 512 \
         --variant default --variant xla:xla_cpu_use_onednn=true --rounds 3 [--trace] [--hlo DIR]
@@ -50,10 +50,14 @@ def _parse(variant: str) -> tuple[dict, list]:
             xla[name] = value
         elif kind == "set":
             mod, _, attr = name.rpartition(".")
-            try:
-                val = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                val = value
+            if value.startswith("@"):  # another object: @module.attr
+                owner, _, obj = value[1:].rpartition(".")
+                val = getattr(importlib.import_module(owner), obj)
+            else:
+                try:
+                    val = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    val = value
             sets.append((mod, attr, val))
         else:
             raise SystemExit(f"variant item {item!r}: start it with xla: or set:")

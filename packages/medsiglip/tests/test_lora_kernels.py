@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from medsiglip.lora import LoRA, LoRAConfig
+import medsiglip.lora
+from medsiglip.lora import LoRA, LoRAConfig, project
 
 
 def _adapter(n_in: int, shape: tuple[int, ...], dropout: float = 0.0) -> LoRA:
@@ -44,6 +45,80 @@ def test_custom_backward_equals_autodiff_of_the_plain_product(n_in, shape, x_sha
     rx, ra, rb = jax.grad(plain, (0, 1, 2))(x, a0, b0)
     for got, ref in ((gx, rx), (gp["a"][...], ra), (gp["b"][...], rb)):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+class _Host(nnx.Module):
+    """A module with one adapted projection ``k`` (as Gemma's attention and MLP hold them)."""
+
+    def __init__(self, n_in: int, shape: tuple[int, ...], dropout: float = 0.0):
+        self.k = nnx.Param(jax.random.normal(jax.random.key(4), shape))
+        self.lora = nnx.Dict({"k": _adapter(n_in, shape, dropout)})
+
+
+@pytest.mark.parametrize("n_in,shape,x_shape", [
+    (1, (6, 5), (2, 4, 6)),
+    (1, (6, 2, 3), (7, 6)),
+    (2, (2, 3, 5), (2, 4, 2, 3)),
+])
+def test_merged_product_equals_autodiff_of_base_plus_adapter(n_in, shape, x_shape,
+                                                            monkeypatch):
+    """``project`` puts a dropout-free adapter into the base product (x @ (W + a b s)); its
+    value and gradients (x, a, b, and W when W trains) equal autodiff of x @ W + x @ a @ b * s
+    written out."""
+    monkeypatch.setattr(medsiglip.lora, "MERGE_ROWS", 1)  # these few rows merge too
+    calls = []
+    merged = medsiglip.lora._merged
+    monkeypatch.setattr(medsiglip.lora, "_merged", lambda *a: calls.append(1) or merged(*a))
+    host = _Host(n_in, shape)
+    x = jax.random.normal(jax.random.key(2), x_shape)
+    lead = x_shape[:len(x_shape) - n_in]
+    c = jax.random.normal(jax.random.key(3), (*lead, *shape[n_in:]))
+    k = int(np.prod(shape[:n_in]))
+
+    def base(x, w):
+        return (x.reshape(*lead, k) @ w.reshape(k, -1)).reshape(*lead, *shape[n_in:])
+
+    def plain(x, w, a, b):
+        h = x.reshape(*lead, k) @ a.reshape(k, 3)
+        return jnp.sum(c * (base(x, w) + (h @ b.reshape(3, -1) * 2.0).reshape(c.shape)))
+
+    graphdef, params, rest = nnx.split(host, nnx.Param, ...)
+
+    def ours(x, params):
+        m = nnx.merge(graphdef, params, rest)
+        return jnp.sum(c * project(m, "k", x, m.k[...], n_in, base))
+
+    w0, a0, b0 = host.k[...], host.lora["k"].a[...], host.lora["k"].b[...]
+    np.testing.assert_allclose(ours(x, params), plain(x, w0, a0, b0), rtol=1e-5)
+    gx, gp = jax.grad(ours, (0, 1))(x, params)
+    refs = jax.grad(plain, (0, 1, 2, 3))(x, w0, a0, b0)
+    got = (gx, gp["k"][...], gp["lora"]["k"]["a"][...], gp["lora"]["k"]["b"][...])
+    for g, r in zip(got, refs, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    # with the kernel frozen (LoRA), no kernel gradient is computed: one product fewer
+    lora_only = nnx.split(host, nnx.LoRAParam, ...)
+    frozen = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(c * project(
+        nnx.merge(lora_only[0], p, lora_only[2]), "k", x, w0, n_in, base))))(lora_only[1])
+    full = jax.make_jaxpr(jax.grad(ours, 1))(x, params)
+    assert str(full).count("dot_general[") == str(frozen).count("dot_general[") + 1
+    assert calls  # the merged product was used
+
+
+def test_merged_product_only_without_active_dropout(monkeypatch):
+    """In training mode with dropout the adapter's input differs from the base's: the
+    product stays split (base + adapter on the dropped-out input)."""
+    monkeypatch.setattr(medsiglip.lora, "MERGE_ROWS", 1)
+    host = _Host(1, (6, 5), dropout=0.5)
+    host.lora["k"].dropout.deterministic = False
+    x = jnp.ones((8, 6))
+    y = np.asarray(project(host, "k", x, host.k[...], 1, lambda x, w: x @ w))
+    base = np.asarray(x @ host.k[...])
+    h = np.asarray(host.lora["k"].a[...])
+    full = base + (np.ones((8, 6)) @ h) @ np.asarray(host.lora["k"].b[...]) * 2.0
+    assert not np.allclose(y, full, atol=1e-4)  # dropped-out inputs changed the adapter part
+    host.lora["k"].dropout.deterministic = True
+    y = np.asarray(project(host, "k", x, host.k[...], 1, lambda x, w: x @ w))
+    np.testing.assert_allclose(y, full, rtol=1e-5, atol=1e-5)
+
 
 def test_dropout_mask_keeps_the_asked_share_and_the_mean():
     lora = _adapter(1, (512, 4), dropout=0.25)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medsiglip.lora import adapt
+from medsiglip.lora import adapt, project
 from medsiglip.sharding import constrain, param
 
 from .layers import RMSNorm, apply_rope, matmul
@@ -108,9 +108,9 @@ class Attention(nnx.Module):
         indices 0..S-1; a local layer's S = window ring slots hold ``ring_index`` (the slot
         indices *before* this call; the caller advances them).
         """
-        q = adapt(self, "q", x, matmul(x, self.q[...], "btd,dhk->bthk"))
-        k = adapt(self, "k", x, matmul(x, self.k[...], "btd,dhk->bthk"))
-        v = adapt(self, "v", x, matmul(x, self.v[...], "btd,dhk->bthk"))
+        q = project(self, "q", x, self.q[...], 1, _proj_in)
+        k = project(self, "k", x, self.k[...], 1, _proj_in)
+        v = project(self, "v", x, self.v[...], 1, _proj_in)
         q = constrain(q, ("batch", "length", "act_heads", None))
         k = constrain(k, ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
@@ -190,7 +190,7 @@ class Attention(nnx.Module):
 
     def _project(self, out):
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return adapt(self, "o", out, matmul(out, self.o[...], "bthk,hkd->btd"))
+        return project(self, "o", out, self.o[...], 2, _proj_out)
 
     def _decode_step(self, q, k, v, inp: AttnInputs, cache, ring_index):
         """One new token per row: attend to the cache as it was plus the token itself, then
@@ -374,6 +374,14 @@ class Attention(nnx.Module):
                          preferred_element_type=jnp.float32)
         out = (out / e.sum(axis=-1)[..., None]).astype(q.dtype)
         return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, hd)
+
+
+def _proj_in(x, w):
+    return matmul(x, w, "btd,dhk->bthk")
+
+
+def _proj_out(x, w):
+    return matmul(x, w, "bthk,hkd->btd")
 
 
 def _pad_queries(q, qidx, size):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medsiglip.lora import adapt
+from medsiglip.lora import project
 from medsiglip.sharding import constrain, param
 
 from . import quant
@@ -78,10 +78,10 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         names = ("batch", "length", "act_mlp")[-x.ndim:]
-        gate = adapt(self, "gate", x, matmul(x, self.gate[...]))
+        gate = project(self, "gate", x, self.gate[...], 1, matmul)
         gate = constrain(jax.nn.gelu(gate, approximate=True), names)
-        h = gate * constrain(adapt(self, "up", x, matmul(x, self.up[...])), names)
-        return adapt(self, "down", h, matmul(h, self.down[...]))
+        h = gate * constrain(project(self, "up", x, self.up[...], 1, matmul), names)
+        return project(self, "down", h, self.down[...], 1, matmul)
 
 
 def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f") -> jax.Array:

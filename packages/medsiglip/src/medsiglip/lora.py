@@ -39,7 +39,8 @@ from flax import nnx
 from medsiglip.sharding import param_names
 
 __all__ = ["DEFAULT_TARGETS", "LoRA", "LoRAConfig", "adapt", "adapters", "apply_lora",
-           "base_filter", "lora_filter", "merge_lora", "trainable_filter", "unmerge_lora"]
+           "base_filter", "lora_filter", "merge_lora", "project", "trainable_filter",
+           "unmerge_lora"]
 
 #: Every projection of the transformer blocks: Gemma 3's q/k/v/o and gate/up/down, SigLIP's
 #: q/k/v/out and fc1/fc2 (the encoder blocks of both towers; not the MAP pooling head nor the
@@ -174,6 +175,78 @@ def _low_rank_bwd(scale, res, g):
 
 
 _low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+#: Fewest rows (tokens) for which :func:`project` merges an adapter into the base product.
+MERGE_ROWS = 256
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _merged(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``x @ (w + a @ b * scale)`` for ``x [M, K]``, ``w [K, N]``, ``a [K, r]``, ``b [r, N]``
+    (f32 accumulation): the base product and a dropout-free adapter's in one product."""
+    return _merged_fwd(*(_Primal(v) for v in (x, w, a, b)), scale)[0]
+
+
+class _Primal:
+    """A primal with nothing known about its perturbation (the undifferentiated call)."""
+
+    def __init__(self, value):
+        self.value, self.perturbed = value, True
+
+
+def _merged_fwd(x, w, a, b, scale):
+    want_dw = bool(w.perturbed)
+    x, w, a, b = x.value, w.value, a.value, b.value
+    merged = (w.astype(jnp.float32) + jnp.matmul(a, b, preferred_element_type=jnp.float32)
+              * scale).astype(x.dtype)
+    out = jnp.matmul(x, merged, preferred_element_type=jnp.float32).astype(x.dtype)
+    h = jnp.matmul(x, a, preferred_element_type=jnp.float32).astype(x.dtype)
+    return out, (x, merged, a, b, h, (jnp.zeros((), w.dtype),) if want_dw else ())
+
+
+def _merged_bwd(scale, res, g):
+    x, merged, a, b, h, dw_like = res  # dw_like: (a zero of w's dtype,) when w trains
+    g = g.astype(x.dtype)
+    gs = (g * scale).astype(x.dtype)
+    gh = jnp.matmul(gs, b.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    db = _contract_lead(h, gs).astype(b.dtype)
+    da = _contract_lead(gh, x).T.astype(a.dtype)
+    dx = jnp.matmul(g, merged.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = _contract_lead(x, g).astype(dw_like[0].dtype) if dw_like else None
+    return dx, dw, da, db
+
+
+_merged.defvjp(_merged_fwd, _merged_bwd, symbolic_zeros=True)
+
+
+def project(module: nnx.Module, name: str, x: jax.Array, w: jax.Array, n_in: int,
+            base) -> jax.Array:
+    """``base(x, w)`` (the product of ``module``'s parameter ``name``, kernel ``w [*in, *out]``
+    with ``n_in`` input axes, with ``x [..., *in]``) plus its unmerged adapter's output.
+
+    An adapter without active dropout (rate 0, or eval mode) over a float kernel of ``x``'s
+    dtype (float32) goes into the same product: ``x @ (w + a @ b * scale)``, one product
+    forward and one for the input gradient instead of three each plus the sums (the adapter's
+    low-rank products stay for its own gradients), for at least ``MERGE_ROWS`` rows (training
+    shapes; a decode step would rewrite every kernel per token). Otherwise as :func:`adapt`.
+    Measured on the 270M LoRA r=16 step (6 layers, batch 4 x 512, CPU, same process, load
+    ~6): 20.1 -> 19.5 CPU s per step, XLA temp 2,371 -> 2,141 MB."""
+    table = getattr(module, "lora", None)
+    adapter = None if table is None or name not in table else table[name]
+    if adapter is None or adapter.merged:
+        return base(x, w)
+    drop = adapter.dropout
+    lead, out_shape = x.shape[:x.ndim - n_in], w.shape[n_in:]
+    if ((drop is not None and not drop.deterministic) or not isinstance(w, jax.Array)
+            or w.dtype != x.dtype or x.dtype != jnp.float32 or math.prod(lead) < MERGE_ROWS):
+        return adapt(module, name, x, base(x, w))
+    r = adapter.rank
+    k = math.prod(w.shape[:n_in])
+    a = adapter.a[...].reshape(k, r).astype(x.dtype)
+    b = adapter.b[...].reshape(r, -1).astype(x.dtype)
+    y = _merged(x.reshape(-1, k), w.reshape(k, -1), a, b, adapter.scale)
+    return y.reshape(*lead, *out_shape)
 
 
 def adapt(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
