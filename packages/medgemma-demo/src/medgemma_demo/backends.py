@@ -93,9 +93,15 @@ class CoreBackend:
 
     @staticmethod
     def room(limit: int) -> int:
-        """Tokens a batch that rows may join is started for: twice the answers' limit, so a
-        row can join until the batch's step passes ``limit``."""
-        return 2 * limit
+        """Tokens a batch that rows may join is started for; rows can join while its step is
+        at most ``room - limit + 1``. The decode loop's own power-of-two bucket of ``limit``
+        (no larger cache: 48 -> 64, joins until step 17), or twice ``limit`` when that bucket
+        leaves less than a quarter of it free (a larger cache: +8% per 8-row step of the
+        270M at 128 + 128 slots instead of 128 + 64)."""
+        from medgemma_core.generate import bucket
+
+        b = bucket(limit, tuple(2**i for i in range(4, 18)))
+        return b if b - limit >= limit // 4 else 2 * limit
 
     def run(self, requests: Sequence[Request],
             finished: Callable[[], Sequence[bool]] | None = None,
