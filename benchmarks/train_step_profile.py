@@ -2,7 +2,8 @@
 
 The step is ``benchmarks/train_step.py``'s (forward, backward and an AdamW update, float32,
 ``medgemma_core.next_token_loss``), on the Gemma 3 270M shapes with random weights and
-``--layers`` of its layers (default one 5-local + 1-global period), full fine-tuning or LoRA
+``--layers`` of its layers (default one 5-local + 1-global period; ``--labelled N``: loss on
+each row's last N tokens only, as an SFT answer), full fine-tuning or LoRA
 r=16 on every decoder projection. Each ``--variant`` is compiled once; then the variants run
 alternately (A B A B ...) for ``--rounds`` rounds, and each one's process CPU seconds and wall
 seconds per step are reported (medians) with the load average. ``--trace`` profiles the first
@@ -87,6 +88,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--labelled", type=int, default=0,
+                    help="label only each row's last N tokens (an SFT answer; 0: every token)")
     ap.add_argument("--variant", action="append", default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--trace", action="store_true")
@@ -110,7 +113,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, 256_000, size=(args.batch, args.seq), dtype=np.int32)
     tokens[:, 0] = 2
-    batch = TrainBatch(tokens=jnp.asarray(tokens), labels=jnp.asarray(tokens),
+    labels = tokens.copy()
+    if args.labelled:
+        labels[:, :-args.labelled] = -100
+    batch = TrainBatch(tokens=jnp.asarray(tokens), labels=jnp.asarray(labels),
                        attention_mask=jnp.ones(tokens.shape, jnp.int32))
     tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
 

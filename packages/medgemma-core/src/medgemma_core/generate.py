@@ -49,6 +49,10 @@ PROMPT_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144
 #: every layer's keys and values twice per step (72 copies of [B, 1, S, 256] for the 270M).
 DECODE_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
+#: Buckets of the decode loop's length (new tokens): the KV cache holds the prompt's bucket plus
+#: this one, so callers that plan room for rows to join a running batch use the same ladder.
+DECODE_BUCKETS = tuple(2**i for i in range(4, 18))
+
 #: Buckets of the columns a cached prefix leaves to prefill (a question after a few-shot
 #: frame is often under 16 tokens).
 TAIL_BUCKETS = (16, *PROMPT_BUCKETS)
@@ -318,7 +322,7 @@ class Engine:
             pad = t - embeddings.shape[1]
             embeddings = jnp.pad(embeddings, ((0, 0), (pad, 0), (0, 0)))
             image_id = jnp.pad(image_id, ((0, 0), (pad, 0)))
-        max_new = bucket(max_new_tokens, tuple(2**i for i in range(4, 18)))
+        max_new = bucket(max_new_tokens, DECODE_BUCKETS)
         stops = () if ignore_eos else self.stop_ids
         key = jax.random.key(sampling.seed)
         temp = jnp.float32(max(sampling.temperature, 1e-6))

@@ -98,9 +98,9 @@ class CoreBackend:
         (no larger cache: 48 -> 64, joins until step 17), or twice ``limit`` when that bucket
         leaves less than a quarter of it free (a larger cache: +8% per 8-row step of the
         270M at 128 + 128 slots instead of 128 + 64)."""
-        from medgemma_core.generate import bucket
+        from medgemma_core.generate import DECODE_BUCKETS, bucket
 
-        b = bucket(limit, tuple(2**i for i in range(4, 18)))
+        b = bucket(limit, DECODE_BUCKETS)
         return b if b - limit >= limit // 4 else 2 * limit
 
     def run(self, requests: Sequence[Request],

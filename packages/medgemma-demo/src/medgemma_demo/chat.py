@@ -27,7 +27,7 @@ import gradio as gr
 
 from .backends import CoreBackend, SerialBackend
 from .batching import LENGTH, Batcher, Request, Row, RowError
-from .host import ChatModel, Loader
+from .host import ChatModel, Loader, text_engine
 from .prompting import BASE, BASE_STOPS, CHAT, base_prompt, messages, user_turn
 from .uploads import MB, LoadedUpload, UploadError, load_uploads, parse_options
 
@@ -113,7 +113,7 @@ class ChatService:
         model = self.loader.value
         if model is None:
             return BASE if self.checkpoint is None else None
-        if not hasattr(model, "engine") or model.is_multimodal:
+        if not text_engine(model):
             return CHAT  # stand-ins and image-text models use their template
         if self.checkpoint is None:
             return BASE

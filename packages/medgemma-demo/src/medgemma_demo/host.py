@@ -107,6 +107,13 @@ class Loader(Generic[T]):
         return self._done.is_set()
 
 
+def text_engine(model: Any) -> bool:
+    """Whether ``model`` is a loaded medgemma-core text-only model (not an image-text model,
+    not a stand-in without an engine, not None while loading): the one that prompts as a base
+    model when it has no chat template, and whose Train-tab runs pack rows."""
+    return model is not None and hasattr(model, "engine") and not model.is_multimodal
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message, prefixed by its type when the message is empty."""
     text = str(exc).strip().splitlines()

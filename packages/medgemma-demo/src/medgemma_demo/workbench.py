@@ -21,6 +21,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from .host import text_engine
 from .jobs import Job, JobSlot, read_jsonl, zip_folder
 from .uploads import MB, UploadError, unpack_zip
 
@@ -117,7 +118,7 @@ def train_args(checkpoint: str | Path, data: Path, folder: Path, *, steps: float
 
 def packs(model: Any) -> bool:
     """Whether a Train-tab run packs rows: a loaded text-only model (image rows never pack)."""
-    return model is not None and hasattr(model, "engine") and not model.is_multimodal
+    return text_engine(model)
 
 
 def skipped_rows(run: Path) -> int:
