@@ -112,6 +112,24 @@ def test_conversion_cache_reuses_the_same_weights(tiny_gguf, tmp_path, monkeypat
     np.testing.assert_array_equal(np.asarray(first(_ids())[0]), np.asarray(third(_ids())[0]))
 
 
+def test_conversion_cache_is_renamed_into_place(tiny_gguf, tmp_path, monkeypatch):
+    """The cache is written beside its entry and renamed: a complete entry another process
+    wrote first stays as it is, a partial one is replaced, and no temporary folder is left."""
+    from medgemma_core.checkpoints import _cache_converted
+
+    monkeypatch.setenv("MEDGEMMA_CONVERT_CACHE", str(tmp_path))
+    folder, _ = tiny_gguf
+    model = load_decoder(folder / "tiny-q8.gguf")
+    (entry,) = list(tmp_path.iterdir())
+    stamp = (entry / META).stat().st_mtime_ns
+    _cache_converted(model, entry)  # the other process's complete entry wins
+    assert (entry / META).stat().st_mtime_ns == stamp
+    (entry / META).unlink()  # an interrupted save: no meta file
+    again = load_decoder(folder / "tiny-q8.gguf")
+    assert (entry / META).is_file() and [p.name for p in tmp_path.iterdir()] == [entry.name]
+    np.testing.assert_array_equal(np.asarray(model(_ids())[0]), np.asarray(again(_ids())[0]))
+
+
 def test_truncated_gguf_names_the_file(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDGEMMA_CONVERT_CACHE", "0")
     folder, _ = tiny_gguf

@@ -126,13 +126,27 @@ def load_decoder(path: str | Path, *, dtype="float32", quantize: str | None = No
         specs = quant.quantized_specs(specs, quantize)
     model = fill(abstract, src, specs)
     if cached is not None:
-        try:
-            save_decoder(model, cached)
-        except Exception as exc:  # a full disk must not stop the load
-            shutil.rmtree(cached, ignore_errors=True)
-            warnings.warn(f"could not cache the converted weights in {cached}: {exc}",
-                          stacklevel=2)
+        _cache_converted(model, cached)
     return model
+
+
+def _cache_converted(model: Gemma3, cached: Path) -> None:
+    """Save ``model`` as the conversion cache ``cached``: written beside it under a name of this
+    process and renamed into place, so that another process loading the same file at the same
+    time never reads a half-written cache nor has its own deleted (the first rename wins)."""
+    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+    try:
+        save_decoder(model, tmp)
+        try:
+            tmp.rename(cached)
+        except OSError:  # another process cached it first (or a stale folder is in the way)
+            if not weights.is_saved(cached):
+                shutil.rmtree(cached, ignore_errors=True)
+                tmp.rename(cached)
+    except Exception as exc:  # a full disk must not stop the load
+        warnings.warn(f"could not cache the converted weights in {cached}: {exc}", stacklevel=2)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _conversion_cache(path: Path, dtype, quantize: str | None = None) -> Path | None:
