@@ -65,7 +65,9 @@ def test_config_read_from_checkpoint(tiny_mm):
     assert not cfg.vision.use_head
 
 
-@pytest.mark.parametrize("n_images", [1, 2])
+# one image is a sub-case of two (two image blocks, each its own bidirectional block): slow,
+# for CI time
+@pytest.mark.parametrize("n_images", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_logits_match_transformers(tiny_mm, ours, processor, n_images):
     _, ref, _ = tiny_mm
     images = random_images(n_images, [(90, 130), (140, 100)][:n_images])

@@ -93,18 +93,25 @@ def _hf_loss_and_grads(ref, **inputs) -> tuple[float, dict[str, np.ndarray]]:
 
 
 def _mean_loss_and_grads(model, batch, **kw):
-    def mean(m):
-        total, n = next_token_loss(m, batch, **kw)
+    """The mean loss and its gradient, jitted (eager autodiff compiles every primitive on its
+    own: over a thousand small programs, most of these tests' time)."""
+    graphdef, state = nnx.split(model)
+
+    def mean(s):
+        total, n = next_token_loss(nnx.merge(graphdef, s), batch, **kw)
         return total / n
 
-    return nnx.value_and_grad(mean)(model)
+    return jax.jit(jax.value_and_grad(mean))(state)
+
+
+def _value(v) -> np.ndarray:
+    return np.asarray(v.get_value() if hasattr(v, "get_value") else v)
 
 
 def _compare(grads, hf_grads, specs) -> dict[str, float]:
     """Every parameter's gradient against transformers' (converted with its spec), and every
     parameter covered by exactly one spec."""
-    ours = {tuple(p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
-            for p, v in nnx.to_flat_state(grads)}
+    ours = {tuple(p): _value(v) for p, v in nnx.to_flat_state(grads)}
     assert sorted(map(str, ours)) == sorted(str(s.path) for s in specs)
     assert {s.name for s in specs} == set(hf_grads)  # lm_head is the tied embedding
     errors = {}
@@ -250,14 +257,24 @@ def test_chunked_loss_equals_naive_and_needs_less_memory(mm_pair):
 
     chunked = mean(lambda m, b: next_token_loss(m, b, chunk=64))
     naive = mean(naive_next_token_loss)
-    lc, gc = nnx.value_and_grad(chunked)(model)
-    ln, gn = nnx.value_and_grad(naive)(model)
+    graphdef, state = nnx.split(model)
+    compiled, temp = {}, {}  # one compile per loss: its memory figure, and the values it gives
+    for name, fn in (("naive", naive), ("chunk 64", chunked),
+                     ("chunk 16", mean(lambda m, b: next_token_loss(m, b, chunk=16)))):
+        def step(state, fn=fn):
+            return jax.value_and_grad(lambda s: fn(nnx.merge(graphdef, s)))(state)
+
+        compiled[name] = jax.jit(step).lower(state).compile()
+        temp[name] = compiled[name].memory_analysis().temp_size_in_bytes
+
+    lc, gc = compiled["chunk 64"](state)
+    ln, gn = compiled["naive"](state)
     assert abs(float(lc) - float(ln)) <= 1e-6 * abs(float(ln))
     want = dict(nnx.to_flat_state(gn))
     for path, got in nnx.to_flat_state(gc):
-        a, b = np.asarray(got.get_value()), np.asarray(want[path].get_value())
+        a, b = _value(got), _value(want[path])
         if path[-2:] == ("k_proj", "bias"):  # zero in exact arithmetic (see _compare)
-            q_bias = np.asarray(want[path[:-2] + ("q_proj", "bias")].get_value())
+            q_bias = _value(want[path[:-2] + ("q_proj", "bias")])
             assert max(np.max(np.abs(a)), np.max(np.abs(b))) <= 1e-5 * np.max(np.abs(q_bias))
             continue
         # the head's own gradients agree within 1e-6 (test_loss_head_equals_naive); through
@@ -267,15 +284,6 @@ def test_chunked_loss_equals_naive_and_needs_less_memory(mm_pair):
     b, t = batch.tokens.shape
     v = model.config.text.vocab_size
     logits_bytes = b * (t - 1) * v * 4
-    graphdef, state = nnx.split(model)
-    temp = {}
-    for name, fn in (("naive", naive), ("chunk 64", chunked),
-                     ("chunk 16", mean(lambda m, b: next_token_loss(m, b, chunk=16)))):
-        def step(state, fn=fn):
-            return jax.value_and_grad(lambda s: fn(nnx.merge(graphdef, s)))(state)
-
-        compiled = jax.jit(step).lower(state).compile()
-        temp[name] = compiled.memory_analysis().temp_size_in_bytes
     print(f"value_and_grad temp_size_in_bytes, B={b} T={t} V={v} (f32 logits {logits_bytes} "
           f"bytes): " + ", ".join(f"{k} {n}" for k, n in temp.items()))
     assert temp["naive"] >= logits_bytes  # the naive program holds the whole logits
@@ -367,6 +375,8 @@ def test_bf16_compute_on_f32_master_weights(mm_folder, mm_pair):
         total, n = next_token_loss(m, batch, chunk=32, **kw)
         return total / n
 
+    # eager on purpose: jitted, XLA keeps more of the bf16 intermediates in f32 and the bf16
+    # rounding asserted below hardly shows
     l32, g32 = nnx.value_and_grad(mean)(model)
     lmix, gmix = nnx.value_and_grad(lambda m: mean(m, compute_dtype=jnp.bfloat16))(model)
     bf16 = load_multimodal(mm_folder[0], dtype="bfloat16")  # bf16 throughout, loaded as such
@@ -380,7 +390,7 @@ def test_bf16_compute_on_f32_master_weights(mm_folder, mm_pair):
     assert 1e-5 < rel < 1e-2  # bf16 rounding shows, and stays small
     cosine = {}  # bf16 products round to 8 bits: compare directions, tensor by tensor
     for (path, a), (_, b) in zip(nnx.to_flat_state(gmix), nnx.to_flat_state(g32), strict=True):
-        a, b = np.asarray(a.get_value()).ravel(), np.asarray(b.get_value()).ravel()
+        a, b = _value(a).ravel(), _value(b).ravel()
         if path[-2:] != ("k_proj", "bias"):
             cosine[path] = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     worst = min(cosine, key=cosine.get)
@@ -417,13 +427,13 @@ def test_remat_policies_same_gradients_less_memory(mm_pair, text_pair):
                                                       remat=remat)[0])(s)
         return step
 
-    want = jax.tree.leaves(grads("none")(state))
+    want = jax.tree.leaves(jax.jit(grads("none"))(state))
     for remat in ("full", "dots"):
         jaxpr = jax.make_jaxpr(grads(remat))(state)
         n_layers = model.config.text.num_layers + model.config.vision.num_layers
         text = str(jaxpr)  # jax.checkpoint is the primitive remat2 in a grad's jaxpr
         assert text.count("remat2[") + text.count("checkpoint[") == n_layers  # one per block
-        for a, b in zip(jax.tree.leaves(grads(remat)(state)), want, strict=True):
+        for a, b in zip(jax.tree.leaves(jax.jit(grads(remat))(state)), want, strict=True):
             scale = max(float(jnp.max(jnp.abs(b))), 1e-30)
             assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * scale
 
