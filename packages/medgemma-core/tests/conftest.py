@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,12 +47,71 @@ def gemma_tokenizer(gguf_path):
     return Tokenizer.from_gguf(gguf_path)
 
 
+@functools.cache
+def _reference_cache(gguf: Path) -> Path | None:
+    """Where transformers' own loading of ``gguf`` is kept as a Hugging Face folder: beside the
+    conversion cache (``$MEDGEMMA_CONVERT_CACHE``; ``0``: nowhere), the folder medgemma-train's
+    tests read too, so that one dequantization serves every test session."""
+    root = os.environ.get("MEDGEMMA_CONVERT_CACHE")
+    if root == "0":
+        return None
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    base = Path(root) if root else Path.home() / ".cache" / "medgemma" / "converted"
+    return base.parent / "transformers-reference" / f"{gguf.stem}-{h.hexdigest()[:16]}"
+
+
+def _cached(gguf: Path) -> Path | None:
+    folder = _reference_cache(gguf)
+    return folder if folder is not None and (folder / "config.json").is_file() else None
+
+
 @pytest.fixture(scope="session")
 def reference_tokenizer(gguf_path):
-    """The reference: transformers' tokenizer of the same GGUF file (takes tens of seconds)."""
+    """The reference: transformers' tokenizer of the same GGUF file (tens of seconds from the
+    GGUF; from the folder :func:`reference_270m` caches, when a session has written it)."""
     from transformers import AutoTokenizer
 
+    folder = _cached(gguf_path)
+    if folder is not None:
+        return AutoTokenizer.from_pretrained(folder)
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="session")
+def reference_270m(gguf_path, reference_tokenizer, tmp_path_factory):
+    """``(model, tokenizer)``: transformers' own loading of the 270M GGUF (its dequantization
+    and its tokenizer), written as a Hugging Face folder beside the conversion cache the first
+    time; later sessions load that folder (seconds instead of about a minute)."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    tok = reference_tokenizer
+    cached = _cached(gguf_path)
+    if cached is not None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+        return model.eval(), tok
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    folder = _reference_cache(gguf_path)
+    target = folder if folder is not None else tmp_path_factory.mktemp("ref270m") / "hf"
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    # save_pretrained refuses a model loaded from GGUF: write its tensors and config directly
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config))
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return model, tok
 
 
 @pytest.fixture(scope="session")

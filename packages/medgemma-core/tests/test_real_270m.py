@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import save_file
 
 from medgemma_core import load
@@ -26,10 +25,9 @@ def ours(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def reference(gguf_path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
-    return model.eval()
+def reference(reference_270m):
+    """transformers' own loading of the GGUF (conftest: dequantized once, then cached)."""
+    return reference_270m[0]
 
 
 def _hf_greedy(model, ids, n=N):
