@@ -27,10 +27,11 @@ def _check(records, theirs, atol):
         assert r["parsed"] == r["options"][int(np.argmax(ref))]["letter"], r["id"]
 
 
-def test_tiny_model_letters_and_option_texts(tiny_text, tiny_text_model, tmp_path, qa_dir):
-    """A tiny random model, two continuation styles: one-token letters (one row shared by the
-    options; 12 MedQA items) and the options' own texts (a row each, several tokens; 8 MedMCQA
-    items, whose short questions keep lm-eval's full-vocabulary logits small)."""
+@pytest.fixture(scope="module")
+def tiny_scored(tiny_text, tiny_text_model, tmp_path_factory, qa_dir):
+    """``{case: (our records, lm-eval's log-likelihoods)}`` for the tiny-model cases below,
+    lm-eval scoring the rows of every case in one run (its start-up dominates these small
+    cases); the ids are prefixed by the case, and split back."""
     import transformers
 
     folder, reference = tiny_text
@@ -39,29 +40,42 @@ def test_tiny_model_letters_and_option_texts(tiny_text, tiny_text_model, tmp_pat
     texts = dataclasses.replace(medmcqa, prompt=Prompt(loglik=medmcqa.prompt.loglik,
                                                        continuation=" {text}",
                                                        generate=medmcqa.prompt.generate))
-    runs = [(medqa, read_items(medqa, qa_dir / "medqa_sampled_50.jsonl")[0].items[:12]),
-            (texts, read_items(texts, qa_dir / "medmcqa_sampled_50.jsonl")[0].items[:8])]
-    for n, (task, items) in enumerate(runs):
-        records = _ours(tiny_text_model, task, items, batch_size=3)
-        if task is texts:
-            assert max(len(o["continuation_ids"]) for r in records for o in r["options"]) > 4
-        theirs = lm_eval_loglik(reference, tok, mcq_rows(records), tmp_path / f"t{n}")
-        _check(records, theirs, atol=2e-4)
-
-
-def test_trailing_space_moves_into_the_continuation(tiny_text, tiny_text_model, tmp_path):
-    """lm-eval's rule: a context ending in spaces gives them to the continuation."""
-    import transformers
-
-    folder, reference = tiny_text
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
-    task = dataclasses.replace(get_task("medqa"), prompt=Prompt(
+    spaced = dataclasses.replace(medqa, prompt=Prompt(
         loglik="Question: {question}\n{options}\nAnswer: ", continuation="{letter}",
         generate="x"))
-    item = EvalItem("q1", "Which is a vowel?", "A", {"A": "e", "B": "k"})
-    [record] = _ours(tiny_text_model, task, [item])
+    vowel = EvalItem("q1", "Which is a vowel?", "A", {"A": "e", "B": "k"})
+    cases = {
+        "letters": _ours(tiny_text_model, medqa, read_items(
+            medqa, qa_dir / "medqa_sampled_50.jsonl")[0].items[:12], batch_size=3),
+        "texts": _ours(tiny_text_model, texts, read_items(
+            texts, qa_dir / "medmcqa_sampled_50.jsonl")[0].items[:8], batch_size=3),
+        "space": _ours(tiny_text_model, spaced, [vowel])}
+    rows = [{**row, "id": f"{name}/{row['id']}"}
+            for name, records in cases.items() for row in mcq_rows(records)]
+    theirs = lm_eval_loglik(reference, tok, rows, tmp_path_factory.mktemp("tiny"))
+    assert len(theirs) == len(rows)
+    return {name: (records, {k.split("/", 1)[1]: v for k, v in theirs.items()
+                             if k.startswith(name + "/")})
+            for name, records in cases.items()}
+
+
+def test_tiny_model_letters_and_option_texts(tiny_scored):
+    """A tiny random model, two continuation styles: one-token letters (one row shared by the
+    options; 12 MedQA items) and the options' own texts (a row each, several tokens; 8 MedMCQA
+    items, whose short questions keep lm-eval's full-vocabulary logits small)."""
+    records, theirs = tiny_scored["letters"]
+    assert len(records) == 12
+    _check(records, theirs, atol=2e-4)
+    records, theirs = tiny_scored["texts"]
+    assert len(records) == 8
+    assert max(len(o["continuation_ids"]) for r in records for o in r["options"]) > 4
+    _check(records, theirs, atol=2e-4)
+
+
+def test_trailing_space_moves_into_the_continuation(tiny_scored):
+    """lm-eval's rule: a context ending in spaces gives them to the continuation."""
+    [record], theirs = tiny_scored["space"]
     assert record["prompt"].endswith("Answer: ")
-    theirs = lm_eval_loglik(reference, tok, mcq_rows([record]), tmp_path / "sp")
     _check([record], theirs, atol=2e-4)
 
 

@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
     # one compiled program serves every run of this module (same shapes and schedule)
     jax.config.update("jax_compilation_cache_dir", str(root / "jax-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    ck = tiny_text_checkpoint(root / "ck")
+    ck = tiny_text_checkpoint(root / "ck", layers=1)  # one layer: a shorter compile
     data = write_jsonl(root / "train.jsonl", chat_rows(24, seed=1))
     return root, ck, data
 
@@ -37,7 +37,7 @@ def _cfg(root, ck, data, out, **run):
         "data": {"train": [str(data)], "batch_size": 4, "seq_len": 24, "seed": 3},
         "lora": {"rank": 4, "dropout": 0.1},  # dropout on: its masks must resume too
         "optimizer": {"lr": 1e-2, "grad_accum": 2},
-        "run": {"out": str(root / out), "max_steps": 20, "save_every": 5, "progress": False,
+        "run": {"out": str(root / out), "max_steps": 10, "save_every": 5, "progress": False,
                 "keep_best": 0, **run}})
 
 
@@ -47,20 +47,21 @@ def _params(model):
 
 
 def test_exact_resume(setup):
-    """20 steps straight == 10 steps, a restart with resume, 10 more: the same rows in the
+    """10 steps straight == 5 steps, a restart with resume, 5 more: the same rows in the
     same order (the per-step data fingerprints), the same losses and parameters within 1e-6.
-    The 20 steps cross an epoch of the 24 rows (8 per step), so the reshuffle resumes too."""
+    The 24 rows make 3 steps of 8 an epoch: the restart is inside the second epoch and the
+    resumed steps cross two epoch boundaries, so the reshuffle resumes too."""
     root, ck, data = setup
     straight = train(_cfg(root, ck, data, "straight"), get_stage("sft"))
     with pytest.raises(Preempted):
-        train(_cfg(root, ck, data, "split", stop_at=10), get_stage("sft"))
-    assert Checkpoints(root / "split" / "checkpoints", read_only=True).latest_step() == 10
+        train(_cfg(root, ck, data, "split", stop_at=5), get_stage("sft"))
+    assert Checkpoints(root / "split" / "checkpoints", read_only=True).latest_step() == 5
     resumed = train(_cfg(root, ck, data, "split", resume=True), get_stage("sft"))
-    assert resumed["resumed_from"] == 10 and resumed["steps"] == 20
+    assert resumed["resumed_from"] == 5 and resumed["steps"] == 10
     a, b = metrics(root / "straight"), metrics(root / "split")
-    assert [r["step"] for r in b] == list(range(1, 21))
+    assert [r["step"] for r in b] == list(range(1, 11))
     assert [r["data_digest"] for r in a] == [r["data_digest"] for r in b]
-    assert len({r["data_digest"] for r in a}) > 10  # the fingerprint does tell rows apart
+    assert len({r["data_digest"] for r in a}) == 10  # the fingerprint does tell rows apart
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], atol=1e-6)
     pa, pb = _params(straight["model"]), _params(resumed["model"])
     assert pa.keys() == pb.keys() and len(pa) > 0
@@ -126,7 +127,8 @@ def test_best_k_keeps_the_best_validation_checkpoint(setup):
     """Train on one answer ("Paris"), validate on another (twelve "Rome"s, tokens training
     never rewards): the validation loss rises as the model fits the training answer, so the
     best checkpoint is an early one that keep-last alone would delete. best_step must be the step of the lowest eval_loss in metrics.jsonl."""
-    root, ck, _ = setup
+    root, _, _ = setup
+    ck = tiny_text_checkpoint(root / "ck2")  # two layers: the measured task below
     train_data = write_jsonl(root / "fit.jsonl", chat_rows(8, answers=["Paris"]))
     val = write_jsonl(root / "val.jsonl", chat_rows(4, answers=[" ".join(["Rome"] * 12)]))
     cfg = load_config(base={

@@ -31,7 +31,7 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("shard")
     # An Orbax base checkpoint saved by this one process: the two-process run below restores
     # it in each process (Orbax would restore the saving topology unless told otherwise).
-    ck = tiny_text_checkpoint(root / "orbax")
+    ck = tiny_text_checkpoint(root / "orbax", layers=1)  # one layer: shorter compiles
     data = write_jsonl(root / "train.jsonl", chat_rows(32, seed=2))
     cfg = load_config(base={
         "model": {"checkpoint": str(ck)},
