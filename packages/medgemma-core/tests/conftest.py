@@ -80,7 +80,7 @@ def reference_tokenizer(gguf_path):
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # 1 GB of float32 weights: freed with the module using it
 def reference_270m(gguf_path, reference_tokenizer, tmp_path_factory):
     """``(model, tokenizer)``: transformers' own loading of the 270M GGUF (its dequantization
     and its tokenizer), written as a Hugging Face folder beside the conversion cache the first
