@@ -298,6 +298,9 @@ def mutation_run(target: Target, *, runs: int, seed: int, work: Path, out: Path,
     rng = random.Random(f"{target.name}:{seed}")
     stats = RunStats(target.name, "mutate")
     seen: set[str] = set()
+    if watchdog:  # a target's first call imports and compiles: not any input's own time
+        (work / "warmup").mkdir()
+        outcome(target, corpus[0], work / "warmup", errors)
     start = time.monotonic()
     for i in range(runs):
         data = corpus[i] if i < len(corpus) else mutate(rng, rng.choice(corpus), corpus)
