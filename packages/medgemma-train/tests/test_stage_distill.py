@@ -42,9 +42,14 @@ def _batch(rows, seq_len=32):
                                     slots=0)
 
 
+@nnx.jit  # one compiled program (run op by op, each op compiles alone)
+def _jit_logits(model, batch):
+    return getattr(model, "decoder", model).logits(forward_hidden(model, batch))
+
+
 def _logits(model, batch):
-    dec = getattr(model, "decoder", model)
-    return np.asarray(dec.logits(forward_hidden(model, batch)), np.float64)
+    """The model's logits (float64)."""
+    return np.asarray(_jit_logits(model, batch), np.float64)
 
 
 def _log_softmax(x):

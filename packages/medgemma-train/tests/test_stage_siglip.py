@@ -252,12 +252,18 @@ def test_export_loads_in_transformers_at_another_resolution(tiny, tmp_path):
     rng = np.random.default_rng(4)
     pixels = rng.uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
     ids = rng.integers(3, ours.config.text.vocab_size, (3, 8))
-    out = ours(pixels, ids)
+
+    @nnx.jit  # one compile (run op by op, each op compiles alone)
+    def forward(model, pixels, ids):
+        out = model(pixels, ids)
+        return out.image_embeds, out.text_embeds, out.logits_per_image
+
+    image_embeds, text_embeds, logits_per_image = forward(ours, pixels, ids)
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2))
-    np.testing.assert_allclose(np.asarray(out.image_embeds), ref.image_embeds.numpy(), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(out.text_embeds), ref.text_embeds.numpy(), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(out.logits_per_image), ref.logits_per_image.numpy(),
+    np.testing.assert_allclose(np.asarray(image_embeds), ref.image_embeds.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(text_embeds), ref.text_embeds.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits_per_image), ref.logits_per_image.numpy(),
                                atol=1e-4)
     assert (folder / "spiece.model").is_file()
 

@@ -36,7 +36,7 @@ def test_adafactor_keeps_factored_statistics():
 
 
 def test_a_run_trains_with_adafactor(tmp_path):
-    ck = tiny_text_checkpoint(tmp_path / "ck")
+    ck = tiny_text_checkpoint(tmp_path / "ck", layers=1)  # one layer: a shorter compile
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(16, seed=3))
     cfg = load_config(base={
         "model": {"checkpoint": str(ck)},

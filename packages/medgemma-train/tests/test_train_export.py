@@ -12,6 +12,7 @@ import peft
 import pytest
 import torch
 import transformers
+from flax import nnx
 from PIL import Image
 from safetensors.numpy import load_file
 from train_fixtures import (
@@ -41,9 +42,14 @@ def _run(root, base, data, out, *, run=(), **data_kw):
     return train(cfg, get_stage("sft"))
 
 
+@nnx.jit  # one compiled program (run op by op, each op compiles alone)
+def _jit_logits(model, batch):
+    return getattr(model, "decoder", model).logits(forward_hidden(model, batch))
+
+
 def _ours(model, batch):
-    decoder = getattr(model, "decoder", model)
-    return np.asarray(decoder.logits(forward_hidden(model, batch)))
+    """Our logits."""
+    return np.asarray(_jit_logits(model, batch))
 
 
 def _hf_base(root, orbax):
