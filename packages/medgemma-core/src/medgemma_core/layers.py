@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medsiglip.lora import project
+from medsiglip.lora import flat_rows, project
 from medsiglip.sharding import constrain, param
 
 from . import quant
@@ -97,7 +97,7 @@ def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f") -> jax.Array
         return quant.dot(x, w, spec)
     x, w = pin_to(x, w)
     n_in = _CONTRACTED.get(spec)
-    if FLAT_PRODUCTS and n_in is not None and x.ndim > n_in + 1 and jax.default_backend() == "cpu":
+    if n_in is not None and x.ndim > n_in + 1 and flat_rows():
         return flat_matmul(x, w, n_in)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -105,19 +105,15 @@ def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f") -> jax.Array
 #: The specs :func:`matmul` takes whose kernel's first n axes are contracted with x's last n.
 _CONTRACTED = {"...d,df->...f": 1, "btd,dhk->bthk": 1, "bthk,hkd->btd": 2, "bhk,hkd->bd": 2}
 
-#: On CPUs, :func:`matmul` flattens the leading axes (one [rows, K] x [K, N] product);
-#: False: the einsum as written (for A/B measurements).
-FLAT_PRODUCTS = True
-
-
 def flat_matmul(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     """``x [..., *K]`` times ``w [*K, *N]`` (the last ``n_in`` axes of x with the first of w) as
-    one 2-D product ``[rows, K] x [K, N]`` (f32 accumulation, x's dtype). The same sums as
-    the einsum; but the weight gradient autodiff makes of a product with several leading
-    axes contracts two axes, which XLA on CPUs runs by copying the activation gradient into a
-    transposed layout first (an elementwise copy per weight gradient: 13% of a 270M
-    full-fine-tuning step's op time); of the 2-D product it is a plain GEMM (a GeGLU block's
-    forward and backward at [4, 256, 640]: 403 -> 247 CPU ms)."""
+    one 2-D product ``[rows, K] x [K, N]`` (f32 accumulation, x's dtype), on CPUs
+    (:func:`medsiglip.lora.flat_rows`). The same sums as the einsum; but the weight gradient
+    autodiff makes of a product with several leading axes contracts two axes, which XLA on
+    CPUs runs by copying the activation gradient into a transposed layout first (an
+    elementwise copy per weight gradient: 13% of a 270M full-fine-tuning step's op time); of
+    the 2-D product it is a plain GEMM (a GeGLU block's forward and backward at [4, 256, 640]:
+    403 -> 247 CPU ms)."""
     lead, k = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
     size = 1
     for d in k:

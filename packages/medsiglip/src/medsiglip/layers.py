@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medsiglip.lora import adapt
+from medsiglip.lora import adapt, flat_rows
 from medsiglip.remat import run_blocks
 from medsiglip.sharding import constrain, param
 
@@ -53,7 +53,10 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         x = x.astype(kernel.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if x.ndim > 2 and flat_rows():  # one 2-D product (see medsiglip.lora.flat_rows)
+            y = (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+        else:
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         y = y + self.bias[...].astype(kernel.dtype)
         return adapt(self, "kernel", x, y)
 
