@@ -54,9 +54,6 @@ __all__ = ["DEFAULT_CHUNK", "IGNORE_INDEX", "TrainBatch", "forward_hidden", "in_
 #: Tokens projected onto the vocabulary at a time by :func:`next_token_loss`: 512 x 262,208
 #: float32 logits are 537 MB.
 DEFAULT_CHUNK = 512
-#: On CPUs, the vocabulary products of the loss's gradients read softmax - one-hot as a
-#: vocabulary-major copy (:func:`_head`); False: as it is (for A/B measurements).
-VOCAB_MAJOR_GRADS = True
 
 Model = Gemma3 | Gemma3Multimodal
 
@@ -312,17 +309,6 @@ def _head(x: jax.Array, w: jax.Array, t: jax.Array, softcap: float | None, grads
         p = p * (1.0 - jnp.square(jnp.tanh(raw / softcap)))
         coef = coef * (1.0 - jnp.square(jnp.tanh(raw_y / softcap)))
     p = p.at[jnp.arange(p.shape[0]), tt].add(-coef).astype(x.dtype)  # softmax - one-hot
-    if VOCAB_MAJOR_GRADS and p.shape[0] <= 256 and jax.default_backend() == "cpu":
-        # vocabulary-major [V, c] for the two products that contract or keep V: XLA's CPU
-        # product reads it as a plain GEMM operand, where [c, V] contracted over V is its
-        # slowest case (270M head, c = 63: the three products 1.38 -> 1.06 CPU s; c = 255:
-        # 3.79 -> 3.47; not at c = 511: 7.59 vs 7.75). The barrier keeps the transpose a copy (a 1/640 of a product's work)
-        # instead of folding it back into the products' operand layout.
-        pt = jax.lax.optimization_barrier(p.T)
-        dx = jnp.einsum("vn,vd->nd", pt, w, preferred_element_type=jnp.float32)
-        if dw is not None:
-            dw = dw + jnp.einsum("vn,nd->vd", pt, x, preferred_element_type=jnp.float32)
-        return total, dx, dw
     dx = jnp.einsum("nv,vd->nd", p, w, preferred_element_type=jnp.float32)
     if dw is not None:
         dw = dw + jnp.einsum("nv,nd->vd", p, x, preferred_element_type=jnp.float32)
