@@ -30,7 +30,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def _reference(gguf: Path):
     import torch
     import transformers
-    from safetensors.torch import save_file
+
+    from medgemma_core.testing import save_gguf_reference
 
     h = hashlib.sha256()
     with open(gguf, "rb") as f:
@@ -45,16 +46,7 @@ def _reference(gguf: Path):
     tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config))
-    tok.save_pretrained(tmp)
-    if not folder.exists():
-        tmp.rename(folder)
+    save_gguf_reference(model, tok, folder)
     return model, tok
 
 

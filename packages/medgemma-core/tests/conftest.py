@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -87,7 +85,8 @@ def reference_270m(gguf_path, reference_tokenizer, tmp_path_factory):
     time; later sessions load that folder (seconds instead of about a minute)."""
     import torch
     import transformers
-    from safetensors.torch import save_file
+
+    from medgemma_core.testing import save_gguf_reference
 
     tok = reference_tokenizer
     cached = _cached(gguf_path)
@@ -97,20 +96,8 @@ def reference_270m(gguf_path, reference_tokenizer, tmp_path_factory):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
     folder = _reference_cache(gguf_path)
-    target = folder if folder is not None else tmp_path_factory.mktemp("ref270m") / "hf"
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    # save_pretrained refuses a model loaded from GGUF: write its tensors and config directly
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config))
-    tok.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(target)
+    save_gguf_reference(model, tok, folder if folder is not None
+                        else tmp_path_factory.mktemp("ref270m") / "hf")
     return model, tok
 
 

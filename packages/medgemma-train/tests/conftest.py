@@ -4,9 +4,7 @@ tiny random checkpoints written by transformers (the references)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -75,7 +73,8 @@ def reference_270m(gguf_path, tmp_path_factory):
     two minutes transformers takes to dequantize."""
     import torch
     import transformers
-    from safetensors.torch import save_file
+
+    from medgemma_core.testing import save_gguf_reference
 
     folder = _reference_cache(gguf_path)
     if folder is not None and (folder / "config.json").is_file():
@@ -85,19 +84,8 @@ def reference_270m(gguf_path, tmp_path_factory):
                                                      gguf_file=gguf_path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
-    target = folder if folder is not None else tmp_path_factory.mktemp("ref270m") / "hf"
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config))
-    tok.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(target)
+    save_gguf_reference(model, tok, folder if folder is not None
+                        else tmp_path_factory.mktemp("ref270m") / "hf")
     return model, tok
 
 

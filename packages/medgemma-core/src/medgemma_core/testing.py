@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 __all__ = ["IMAGE_SIZE", "MM_TOKENS", "PATCH", "gemma3_tokenizer", "medgemma_4b_tensors",
-           "random_images", "reference_processor", "save_tiny_causal_lm", "save_tiny_mm",
+           "random_images", "reference_processor", "save_gguf_reference", "save_tiny_causal_lm", "save_tiny_mm",
            "save_tiny_orbax_mm", "save_tokenizer_files", "tiny_hf_config", "tiny_hf_mm_config",
            "tiny_mm_text_config", "write_random_4b"]
 
@@ -78,6 +78,34 @@ def save_tokenizer_files(folder: str | Path, tokenizer: Tokenizer | None = None,
         reference.save_pretrained(str(folder))
         shutil.copy(model, folder / "tokenizer.model")
     return reference
+
+
+def save_gguf_reference(model: Any, tokenizer: Any, folder: str | Path) -> Path:
+    """Write transformers' own loading of a GGUF file (``model`` from ``from_pretrained(...,
+    gguf_file=...)`` and its tokenizer) as a Hugging Face folder that loads in seconds, where
+    dequantizing the GGUF again takes minutes: the reference of tests and benchmarks. Written
+    beside ``folder`` and renamed into place (a folder another process wrote first is kept).
+    ``save_pretrained`` refuses a model loaded from GGUF, so the tensors (the tied head left
+    out) and the config (without its quantization entry) are written directly."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # written first by another process
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _copy_tokenizer_files(source: str | Path, folder: Path) -> None:
