@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 __all__ = ["IMAGE_SIZE", "MM_TOKENS", "PATCH", "gemma3_tokenizer", "medgemma_4b_tensors",
-           "random_images", "reference_processor", "save_gguf_reference", "save_tiny_causal_lm", "save_tiny_mm",
+           "random_images", "reference_processor", "save_gguf_reference", "save_tiny_causal_lm",
+           "save_tiny_mm",
            "save_tiny_orbax_mm", "save_tokenizer_files", "tiny_hf_config", "tiny_hf_mm_config",
            "tiny_mm_text_config", "write_random_4b"]
 
